@@ -1,0 +1,50 @@
+// Argument checks shared by the op catalog (runtime/ops_*.cpp). Every failure names the op, the
+// argument, what was expected and what was found, including both shapes on a shape mismatch:
+//   "rmsnorm_fwd: w has shape (7) but x has shape (4, 8); expected w of shape (8)"
+#pragma once
+
+#include <initializer_list>
+#include <string_view>
+
+#include "runtime/tensor.h"
+
+namespace moeforge::ops::detail {
+
+struct NamedTensor {
+  std::string_view name;
+  const Tensor& t;
+};
+
+// t is defined and has dtype `dtype`.
+void check_dtype(std::string_view op, NamedTensor t, DType dtype);
+// All tensors are defined and live on the same device; returns that device.
+Device check_same_device(std::string_view op, std::initializer_list<NamedTensor> ts);
+// t has exactly `expected`; `ref` is the argument whose shape determined the expectation.
+void check_shape(std::string_view op, NamedTensor t, const Shape& expected, NamedTensor ref);
+// t has `ndim` dims.
+void check_ndim(std::string_view op, NamedTensor t, int ndim);
+// t has the same shape as ref.
+void check_same_shape(std::string_view op, NamedTensor t, NamedTensor ref);
+
+// Rows and columns when t is viewed as a matrix (leading dims flattened).
+inline int64_t matrix_cols(const Tensor& t) { return t.ndim() ? t.dim(-1) : 1; }
+inline int64_t matrix_rows(const Tensor& t) {
+  int64_t r = 1;
+  for (int i = 0; i + 1 < t.ndim(); ++i) r *= t.dim(i);
+  return r;
+}
+
+[[noreturn]] void no_backend(std::string_view op, Device device);
+
+}  // namespace moeforge::ops::detail
+
+// Runs the CPU kernel cpu::OP for CPU tensors. The CUDA backend (runtime/cuda/) adds its kernels
+// behind this one switch; until an op has one, a device tensor gets a clear error.
+#define MOE_DISPATCH(OP, DEVICE, ...)                                  \
+  do {                                                                 \
+    if ((DEVICE).is_cpu()) {                                           \
+      ::moeforge::cpu::OP(__VA_ARGS__);                                \
+    } else {                                                           \
+      ::moeforge::ops::detail::no_backend(#OP, (DEVICE));              \
+    }                                                                  \
+  } while (0)

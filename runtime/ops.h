@@ -1,0 +1,135 @@
+// The op catalog: every computation the model performs, device-neutral.
+//
+// Each op validates its arguments here (dtype, device, shapes — an error names the op and the
+// shapes involved) and dispatches on the tensors' device to the CPU kernels in runtime/cpu/ (the
+// numerical reference) or the CUDA kernels in runtime/cuda/. Model code calls only these.
+//
+// Conventions
+//  - Shape letters: N rows (tokens, = B*T), B batch, T sequence, C width, H heads, Hkv kv heads,
+//    D head dim, E experts, K top-k, F expert hidden, V vocab, M permuted token copies (= N*K).
+//  - Float tensors are f32 on CPU. Index tensors are i32 (ids, experts, positions) or i64
+//    (offsets, counts).
+//  - Gradient rule (as in llm.c): parameter gradients accumulate (+=), activation gradients are
+//    written (=). The exceptions say so (router_z_loss_bwd adds a loss term's gradient).
+//  - Outputs are passed as `const Tensor&` (Tensor is a handle) and must be preallocated with the
+//    documented shape; outputs must not alias inputs unless the op says so.
+#pragma once
+
+#include "runtime/tensor.h"
+
+namespace moeforge::ops {
+
+// ---- elementwise and reductions -----------------------------------------------------------------
+void fill(const Tensor& t, float value);               // t = value
+void copy(const Tensor& src, const Tensor& dst);       // dst = src (same shape and dtype)
+void add(const Tensor& a, const Tensor& b, const Tensor& out);  // out = a + b; out may alias a or b
+void add_(const Tensor& dst, const Tensor& src, float alpha = 1.0f);  // dst += alpha * src
+void scale_(const Tensor& t, float alpha);             // t *= alpha
+double sum_squares(const Tensor& t);                   // sum of t^2, accumulated in double
+
+// ---- matrix products ----------------------------------------------------------------------------
+// c = alpha * op(a) · op(b) (+ c when accumulate), op(x) = x or xᵀ. Each operand is viewed as a
+// matrix: all leading dims form the rows, the last dim the columns. op(a) is (M, K), op(b) is
+// (K, N), c is (M, N).
+void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c, bool accumulate = false,
+          float alpha = 1.0f);
+
+// Grouped expert GEMM over rows grouped by expert: x (M, Cin), w (E, Cout, Cin), offsets (E+1) i64
+// with rows [offsets[e], offsets[e+1]) belonging to expert e. out (M, Cout): out_e = x_e · w_eᵀ.
+void grouped_gemm_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& out);
+// dx (M, Cin) = dout_e · w_e (written); dw (E, Cout, Cin) += dout_eᵀ · x_e.
+void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dout, const Tensor& dx,
+                      const Tensor& dw);
+
+// ---- embedding -----------------------------------------------------------------------------------
+// ids (N) i32 in [0, V), table (V, C), out (N, C) = table[ids].
+void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out);
+// dtable (V, C) += scatter of dout (N, C) by ids.
+void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable);
+
+// ---- RMSNorm -------------------------------------------------------------------------------------
+// x (N, C), w (C): out = x * rstd * w with rstd (N) = 1 / sqrt(mean(x^2) + eps). Leading dims of
+// x and out are flattened into N.
+void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& out, const Tensor& rstd);
+// dx (N, C) written; dw (C) accumulated.
+void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dout, const Tensor& dx,
+                 const Tensor& dw);
+
+// ---- rotary position embedding -------------------------------------------------------------------
+// x (B, T, H, D), the Hugging Face non-interleaved convention: element i < D/2 pairs with
+// i + D/2 and both rotate by angle t * theta^(-2i/D) for position t. out may alias x.
+void rope_fwd(const Tensor& x, float theta, const Tensor& out);
+// The inverse rotation applied to the gradient. dx may alias dout.
+void rope_bwd(const Tensor& dout, float theta, const Tensor& dx);
+
+// ---- attention -----------------------------------------------------------------------------------
+// Causal grouped-query attention. q (B, T, H, D), k and v (B, T, Hkv, D) with H % Hkv == 0 (query
+// head h reads kv head h / (H / Hkv)). out (B, T, H, D); lse (B, H, T) f32 receives each row's
+// log-sum-exp of the scaled scores, which the backward uses to rebuild probabilities. Tiled with
+// an online softmax: memory is linear in T.
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
+                   const Tensor& lse);
+// dq (B, T, H, D), dk and dv (B, T, Hkv, D), all written.
+void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv);
+
+// ---- SwiGLU --------------------------------------------------------------------------------------
+// gate, up, out (N, F): out = silu(gate) * up.
+void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out);
+// dgate, dup (N, F) written.
+void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dout, const Tensor& dgate, const Tensor& dup);
+
+// ---- MoE routing -----------------------------------------------------------------------------------
+enum class Gating {
+  kSoftmaxTopK,  // Mixtral: p = softmax(logits) over all E; take the top k of p; w = p_sel / sum(p_sel)
+  kSigmoidTopK,  // DeepSeek-V3: s = sigmoid(logits); select top k of s + bias; w = s_sel / sum(s_sel)
+};
+const char* gating_name(Gating g);
+
+// logits (N, E). bias (E) or undefined: added to the scores for selection only (aux-loss-free
+// balancing); never to the weights. Outputs: weights (N, K) combine weights, experts (N, K) i32
+// the selected experts in descending order of selection score (ties: lower expert id first),
+// probs (N, E) the per-token distribution over experts the load-balancing loss uses (softmax
+// probabilities, or sigmoid scores normalised to sum 1).
+void router_fwd(const Tensor& logits, Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                const Tensor& experts, const Tensor& probs);
+// dweights (N, K); dprobs (N, E) or undefined (no aux loss). dlogits (N, E) written.
+void router_bwd(const Tensor& logits, Gating gating, const Tensor& experts, const Tensor& dweights,
+                const Tensor& dprobs, const Tensor& dlogits);
+
+// Load-balancing loss (Switch / GShard form, normalised so a perfectly balanced router scores 1):
+// loss (1) = E / (N * K) * sum_e count_e * mean_n probs[n, e], counts (E) i64 = token copies per
+// expert. Counts are not differentiable; the gradient flows through probs.
+void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, const Tensor& loss);
+// dprobs (N, E) written: scale * d loss / d probs.
+void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, float scale, const Tensor& dprobs);
+
+// Router z-loss (ST-MoE): loss (1) = mean_n logsumexp(logits[n])^2.
+void router_z_loss_fwd(const Tensor& logits, const Tensor& loss);
+// dlogits (N, E) += scale * d loss / d logits (accumulates: it adds to the router_bwd gradient).
+void router_z_loss_bwd(const Tensor& logits, float scale, const Tensor& dlogits);
+
+// Token copies grouped by expert. experts (N, K) i32 -> positions (N, K) i32, the row of copy
+// (n, k) in the expert-grouped buffer, and offsets (E+1) i64, the first row of each expert. The
+// order inside an expert is the copies' (n, k) order, so the plan is deterministic.
+void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets);
+// out (M, C): out[positions[n, k]] = x[n].
+void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out);
+// dx (N, C) = sum_k dout[positions[n, k]] (written).
+void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& dx);
+// out (N, C) = sum_k weights[n, k] * y[positions[n, k]].
+void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& out);
+// dy (M, C): dy[positions[n, k]] = weights[n, k] * dout[n]; dweights (N, K) = <dout[n], y[positions[n, k]]>.
+void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& dout,
+                       const Tensor& dy, const Tensor& dweights);
+
+// ---- loss ----------------------------------------------------------------------------------------
+// Fused softmax cross-entropy. logits (N, V), targets (N) i32 (negative = ignored). losses (N)
+// per-row loss (0 where ignored), lse (N) per-row log-sum-exp.
+void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& losses, const Tensor& lse);
+// dlogits (N, V) = scale * (softmax(logits) - onehot(target)), zero rows where ignored. dlogits
+// may alias logits (the backward then overwrites them in place).
+void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
+                       const Tensor& dlogits);
+
+}  // namespace moeforge::ops
