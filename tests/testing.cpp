@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <random>
 
 namespace moeforge::testing {
@@ -91,6 +93,66 @@ double dot(const std::vector<double>& a, const std::vector<double>& b) {
   double s = 0.0;
   for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) s += a[i] * b[i];
   return s;
+}
+
+void write_npy(const std::string& path, const Tensor& t) {
+  MOE_CHECK(t.dtype() == DType::kF32 || t.dtype() == DType::kI32, "write_npy({}): only f32 and i32, got {}", path,
+            t.str());
+  std::string shape = "(";
+  for (int i = 0; i < t.ndim(); ++i) shape += std::to_string(t.dim(i)) + (t.ndim() == 1 ? "," : (i + 1 < t.ndim() ? ", " : ""));
+  shape += ")";
+  std::string header = std::string("{'descr': '") + (t.dtype() == DType::kF32 ? "<f4" : "<i4") +
+                       "', 'fortran_order': False, 'shape': " + shape + ", }";
+  // Pad with spaces so that magic (6) + version (2) + length (2) + header ends on a 64-byte boundary.
+  const size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header += '\n';
+  std::ofstream f(path, std::ios::binary);
+  MOE_CHECK(f.good(), "write_npy: cannot open {}", path);
+  f.write("\x93NUMPY\x01\x00", 8);
+  const uint16_t len = static_cast<uint16_t>(header.size());
+  f.write(reinterpret_cast<const char*>(&len), 2);
+  f.write(header.data(), static_cast<std::streamsize>(header.size()));
+  f.write(static_cast<const char*>(t.raw_data()), static_cast<std::streamsize>(t.nbytes()));
+  MOE_CHECK(f.good(), "write_npy: failed writing {}", path);
+}
+
+Tensor read_npy(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  MOE_CHECK(f.good(), "read_npy: cannot open {}", path);
+  char magic[8];
+  f.read(magic, 8);
+  MOE_CHECK(f.good() && std::memcmp(magic, "\x93NUMPY", 6) == 0, "read_npy: {} is not a .npy file", path);
+  uint32_t len = 0;
+  if (magic[6] == 1) {
+    uint16_t l16 = 0;
+    f.read(reinterpret_cast<char*>(&l16), 2);
+    len = l16;
+  } else {
+    f.read(reinterpret_cast<char*>(&len), 4);
+  }
+  std::string header(len, '\0');
+  f.read(header.data(), len);
+  const bool is_f4 = header.find("'<f4'") != std::string::npos;
+  const bool is_i4 = header.find("'<i4'") != std::string::npos;
+  MOE_CHECK(is_f4 || is_i4, "read_npy: {}: only <f4 and <i4 are supported, header {}", path, header);
+  MOE_CHECK(header.find("'fortran_order': False") != std::string::npos, "read_npy: {}: Fortran order", path);
+  const size_t open = header.find('(', header.find("'shape'"));
+  const size_t close = header.find(')', open);
+  std::vector<int64_t> dims;
+  std::string inner = header.substr(open + 1, close - open - 1);
+  size_t pos = 0;
+  while (pos < inner.size()) {
+    const size_t comma = inner.find(',', pos);
+    const std::string item = inner.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    if (item.find_first_of("0123456789") != std::string::npos) dims.push_back(std::stoll(item));
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  Tensor t = Tensor::empty(Shape(std::span<const int64_t>(dims.data(), dims.size())), is_f4 ? DType::kF32 : DType::kI32);
+  f.read(static_cast<char*>(t.raw_data()), static_cast<std::streamsize>(t.nbytes()));
+  MOE_CHECK(f.good(), "read_npy: {} is truncated", path);
+  return t;
 }
 
 std::string source_path(const std::string& relative) {

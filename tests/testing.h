@@ -45,6 +45,11 @@ std::vector<double> finite_diff(const std::function<double(const std::vector<dou
 // sum_i a[i] * b[i]
 double dot(const std::vector<double>& a, const std::vector<double>& b);
 
+// .npy files (format 1.0, little-endian f4 / i4, C order): the exchange format with the Python
+// reference implementations in tests/reference/.
+void write_npy(const std::string& path, const Tensor& t);
+Tensor read_npy(const std::string& path);
+
 // Path of a file in the source tree (MOEFORGE_SOURCE_DIR is set by ctest).
 std::string source_path(const std::string& relative);
 

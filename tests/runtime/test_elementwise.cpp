@@ -2,6 +2,8 @@
 // combinations against a naive double product, the accumulate flag, and the elementwise ops.
 #include <gtest/gtest.h>
 
+#include <sstream>
+
 #include "runtime/ops.h"
 #include "tests/testing.h"
 
@@ -17,6 +19,10 @@ struct GemmCase {
   bool ta, tb, acc;
   float alpha;
 };
+
+void PrintTo(const GemmCase& c, std::ostream* os) {
+  *os << "m" << c.m << "_n" << c.n << "_k" << c.k << (c.ta ? "_ta" : "") << (c.tb ? "_tb" : "") << (c.acc ? "_acc" : "");
+}
 
 class GemmTest : public ::testing::TestWithParam<GemmCase> {};
 
@@ -49,7 +55,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmTest,
                                            GemmCase{33, 17, 65, false, true, true, 1.0f},
                                            GemmCase{33, 17, 65, true, false, true, 0.5f},
                                            GemmCase{1, 1, 1, true, true, true, -2.0f},
-                                           GemmCase{64, 128, 96, false, false, true, 1.0f}));
+                                           GemmCase{64, 128, 96, false, false, true, 1.0f}),
+                         [](const ::testing::TestParamInfo<GemmCase>& p) {
+                           std::ostringstream os;
+                           PrintTo(p.param, &os);
+                           return os.str();
+                         });
 
 TEST(Gemm, LeadingDimsFormRows) {
   const Tensor a = random_tensor({2, 3, 4}, 4);  // 6 x 4 matrix

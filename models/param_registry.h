@@ -1,0 +1,84 @@
+// The parameter registry: the one place that knows every parameter's canonical name, global
+// shape and sharding. Initialisation, gradient sync, grad-norm, the optimizer, checkpoints,
+// resharding, export and import all iterate it; no other code knows how a tensor is split.
+//
+// A parameter is split along at most one dimension, over one group (TP or EP); it is replicated
+// over every other group of the layout. Dense parameters reduce their gradients over DP, expert
+// parameters over expert-DP. The local tensor of a rank is the block at `slice` of the global one
+// and is initialised from the counter-based RNG as exactly that block (runtime/rng.h), so any
+// layout starts from the single-rank model's numbers.
+//
+// Parameters have stable addresses for the registry's lifetime (layers keep Param pointers).
+#pragma once
+
+#include <deque>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+
+#include "runtime/rng.h"
+#include "runtime/tensor.h"
+
+namespace moeforge {
+
+// The group a parameter's sharded dimension is split over.
+enum class ShardGroup : uint8_t { kNone, kTP, kEP };
+
+enum class ParamInit : uint8_t { kNormal, kOnes, kZeros };
+
+struct ParamSpec {
+  std::string name;  // canonical, e.g. "layers.3.moe.experts.w1"
+  Shape global_shape;
+  int shard_dim = -1;  // -1: not split
+  ShardGroup shard_group = ShardGroup::kNone;
+  bool expert = false;  // gradients reduce over expert-DP instead of DP
+  ParamInit init = ParamInit::kNormal;
+  float init_std = 0.0f;      // for kNormal
+  bool weight_decay = true;   // false for norm weights
+};
+
+// This rank's coordinates in the groups parameters are split over.
+struct ShardLayout {
+  int tp_size = 1, tp_rank = 0;
+  int ep_size = 1, ep_rank = 0;
+};
+
+struct Param {
+  ParamSpec spec;
+  ShardSlice slice;  // where `value` sits in the global tensor
+  Tensor value;      // local shard, f32
+  Tensor grad;       // same shape as value; accumulated by backward
+};
+
+class ParamRegistry {
+ public:
+  explicit ParamRegistry(ShardLayout layout = {}) : layout_(layout) {}
+  ParamRegistry(const ParamRegistry&) = delete;
+  ParamRegistry& operator=(const ParamRegistry&) = delete;
+
+  // Registers a parameter, computes its local shard under the layout and allocates value and
+  // grad (zeroed). Names must be unique; a split dimension must divide evenly.
+  Param& add(ParamSpec spec);
+
+  Param& get(std::string_view name);
+  const Param& get(std::string_view name) const;
+  bool contains(std::string_view name) const { return index_.count(std::string(name)) > 0; }
+
+  std::deque<Param>& params() { return params_; }
+  const std::deque<Param>& params() const { return params_; }
+  const ShardLayout& layout() const { return layout_; }
+
+  // Fills every value from (seed, name, global index).
+  void init(uint64_t seed);
+  void zero_grad();
+  // Elements of the global parameters (each counted once) and of the local shards.
+  int64_t global_numel() const;
+  int64_t local_numel() const;
+
+ private:
+  ShardLayout layout_;
+  std::deque<Param> params_;
+  std::unordered_map<std::string, size_t> index_;
+};
+
+}  // namespace moeforge

@@ -1,0 +1,67 @@
+// Validation and dispatch of causal grouped-query attention.
+#include <string_view>
+
+#include "runtime/cpu/attention.h"
+#include "runtime/op_checks.h"
+#include "runtime/ops.h"
+
+namespace moeforge::ops {
+
+using detail::check_dtype;
+using detail::check_ndim;
+using detail::check_same_device;
+using detail::check_same_shape;
+using detail::check_shape;
+
+namespace {
+
+// q (B, T, H, D), k and v (B, T, Hkv, D) with H a multiple of Hkv, lse (B, H, T); all f32.
+void check_qkv(std::string_view op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse) {
+  check_dtype(op, {"q", q}, DType::kF32);
+  check_dtype(op, {"k", k}, DType::kF32);
+  check_dtype(op, {"v", v}, DType::kF32);
+  check_dtype(op, {"lse", lse}, DType::kF32);
+  check_ndim(op, {"q", q}, 4);
+  check_ndim(op, {"k", k}, 4);
+  MOE_CHECK(q.dim(3) > 0, "{}: q {} has head dim 0; attention needs D >= 1", op, q.shape().str());
+  check_shape(op, {"k", k}, Shape{q.dim(0), q.dim(1), k.dim(2), q.dim(3)}, {"q", q});
+  check_same_shape(op, {"v", v}, {"k", k});
+  const int64_t H = q.dim(2), Hkv = k.dim(2);
+  MOE_CHECK(Hkv > 0 && H % Hkv == 0,
+            "{}: q has {} heads and k has {} kv heads; grouped-query attention needs H to be a multiple of Hkv "
+            "(q {}, k {})",
+            op, H, Hkv, q.shape().str(), k.shape().str());
+  check_shape(op, {"lse", lse}, Shape{q.dim(0), H, q.dim(1)}, {"q", q});
+}
+
+}  // namespace
+
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
+                   const Tensor& lse) {
+  constexpr std::string_view op = "attention_fwd";
+  const Device dev = check_same_device(op, {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}});
+  check_qkv(op, q, k, v, lse);
+  check_dtype(op, {"out", out}, DType::kF32);
+  check_same_shape(op, {"out", out}, {"q", q});
+  MOE_DISPATCH(attention_fwd, dev, q, k, v, scale, out, lse);
+}
+
+void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  constexpr std::string_view op = "attention_bwd";
+  const Device dev = check_same_device(
+      op,
+      {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}, {"dout", dout}, {"dq", dq}, {"dk", dk}, {"dv", dv}});
+  check_qkv(op, q, k, v, lse);
+  for (const detail::NamedTensor t : {detail::NamedTensor{"out", out}, {"dout", dout}, {"dq", dq}}) {
+    check_dtype(op, t, DType::kF32);
+    check_same_shape(op, t, {"q", q});
+  }
+  for (const detail::NamedTensor t : {detail::NamedTensor{"dk", dk}, {"dv", dv}}) {
+    check_dtype(op, t, DType::kF32);
+    check_same_shape(op, t, {"k", k});
+  }
+  MOE_DISPATCH(attention_bwd, dev, q, k, v, out, lse, dout, scale, dq, dk, dv);
+}
+
+}  // namespace moeforge::ops

@@ -1,0 +1,262 @@
+// Validation and dispatch of the MoE routing ops: router top-k, its losses, the dispatch plan,
+// permute / unpermute and the grouped expert GEMM. Checks here need only shapes and dtypes; the
+// CPU kernels check what depends on the data (expert ids, positions, offsets).
+#include <cstdint>
+#include <limits>
+
+#include "runtime/cpu/moe.h"
+#include "runtime/op_checks.h"
+#include "runtime/ops.h"
+
+namespace moeforge::ops {
+
+using detail::check_dtype;
+using detail::check_ndim;
+using detail::check_same_device;
+using detail::check_same_shape;
+using detail::check_shape;
+using detail::NamedTensor;
+
+namespace {
+
+void check_k(std::string_view op, int k, int64_t num_experts) {
+  MOE_CHECK(k >= 1 && k <= num_experts, "{}: k={} must be in [1, E={}]", op, k, num_experts);
+}
+
+// logits-like (N, E) f32 with E >= 1.
+void check_logits(std::string_view op, NamedTensor logits) {
+  check_dtype(op, logits, DType::kF32);
+  check_ndim(op, logits, 2);
+  MOE_CHECK(logits.t.dim(1) >= 1, "{}: {} has shape {}; expected at least one expert column", op, logits.name,
+            logits.t.shape().str());
+}
+
+// positions (N, K) i32 with K >= 1.
+void check_positions(std::string_view op, const Tensor& positions) {
+  check_dtype(op, {"positions", positions}, DType::kI32);
+  check_ndim(op, {"positions", positions}, 2);
+  MOE_CHECK(positions.dim(1) >= 1, "{}: positions has shape {}; expected at least one column (K >= 1)", op,
+            positions.shape().str());
+}
+
+// A 1-element f32 loss.
+void check_loss(std::string_view op, const Tensor& loss, NamedTensor ref) {
+  check_dtype(op, {"loss", loss}, DType::kF32);
+  check_shape(op, {"loss", loss}, Shape{1}, ref);
+}
+
+}  // namespace
+
+const char* gating_name(Gating g) {
+  switch (g) {
+    case Gating::kSoftmaxTopK:
+      return "softmax_topk";
+    case Gating::kSigmoidTopK:
+      return "sigmoid_topk";
+  }
+  MOE_THROW("gating_name: unknown Gating value {}", static_cast<int>(g));
+}
+
+void router_fwd(const Tensor& logits, Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                const Tensor& experts, const Tensor& probs) {
+  constexpr std::string_view op = "router_fwd";
+  const Device dev = check_same_device(op, {{"logits", logits}, {"weights", weights}, {"experts", experts},
+                                            {"probs", probs}});
+  check_logits(op, {"logits", logits});
+  const int64_t n = logits.dim(0), e = logits.dim(1);
+  check_k(op, k, e);
+  if (bias.defined()) {
+    check_same_device(op, {{"logits", logits}, {"bias", bias}});
+    check_dtype(op, {"bias", bias}, DType::kF32);
+    check_shape(op, {"bias", bias}, Shape{e}, {"logits", logits});
+  }
+  check_dtype(op, {"weights", weights}, DType::kF32);
+  check_shape(op, {"weights", weights}, Shape{n, k}, {"logits", logits});
+  check_dtype(op, {"experts", experts}, DType::kI32);
+  check_shape(op, {"experts", experts}, Shape{n, k}, {"logits", logits});
+  check_dtype(op, {"probs", probs}, DType::kF32);
+  check_same_shape(op, {"probs", probs}, {"logits", logits});
+  MOE_DISPATCH(router_fwd, dev, logits, gating, k, bias, weights, experts, probs);
+}
+
+void router_bwd(const Tensor& logits, Gating gating, const Tensor& experts, const Tensor& dweights,
+                const Tensor& dprobs, const Tensor& dlogits) {
+  constexpr std::string_view op = "router_bwd";
+  const Device dev = check_same_device(op, {{"logits", logits}, {"experts", experts}, {"dweights", dweights},
+                                            {"dlogits", dlogits}});
+  check_logits(op, {"logits", logits});
+  const int64_t n = logits.dim(0), e = logits.dim(1);
+  check_dtype(op, {"experts", experts}, DType::kI32);
+  check_ndim(op, {"experts", experts}, 2);
+  check_shape(op, {"experts", experts}, Shape{n, experts.dim(1)}, {"logits", logits});
+  MOE_CHECK(experts.dim(1) >= 1 && experts.dim(1) <= e, "{}: experts has shape {}; its K={} must be in [1, E={}]",
+            op, experts.shape().str(), experts.dim(1), e);
+  check_dtype(op, {"dweights", dweights}, DType::kF32);
+  check_same_shape(op, {"dweights", dweights}, {"experts", experts});
+  if (dprobs.defined()) {
+    check_same_device(op, {{"logits", logits}, {"dprobs", dprobs}});
+    check_dtype(op, {"dprobs", dprobs}, DType::kF32);
+    check_same_shape(op, {"dprobs", dprobs}, {"logits", logits});
+  }
+  check_dtype(op, {"dlogits", dlogits}, DType::kF32);
+  check_same_shape(op, {"dlogits", dlogits}, {"logits", logits});
+  MOE_DISPATCH(router_bwd, dev, logits, gating, experts, dweights, dprobs, dlogits);
+}
+
+void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, const Tensor& loss) {
+  constexpr std::string_view op = "moe_aux_loss_fwd";
+  const Device dev = check_same_device(op, {{"probs", probs}, {"counts", counts}, {"loss", loss}});
+  check_logits(op, {"probs", probs});
+  check_k(op, k, probs.dim(1));
+  check_dtype(op, {"counts", counts}, DType::kI64);
+  check_shape(op, {"counts", counts}, Shape{probs.dim(1)}, {"probs", probs});
+  check_loss(op, loss, {"probs", probs});
+  MOE_DISPATCH(moe_aux_loss_fwd, dev, probs, counts, k, loss);
+}
+
+void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, float scale, const Tensor& dprobs) {
+  constexpr std::string_view op = "moe_aux_loss_bwd";
+  const Device dev = check_same_device(op, {{"probs", probs}, {"counts", counts}, {"dprobs", dprobs}});
+  check_logits(op, {"probs", probs});
+  check_k(op, k, probs.dim(1));
+  check_dtype(op, {"counts", counts}, DType::kI64);
+  check_shape(op, {"counts", counts}, Shape{probs.dim(1)}, {"probs", probs});
+  check_dtype(op, {"dprobs", dprobs}, DType::kF32);
+  check_same_shape(op, {"dprobs", dprobs}, {"probs", probs});
+  MOE_DISPATCH(moe_aux_loss_bwd, dev, probs, counts, k, scale, dprobs);
+}
+
+void router_z_loss_fwd(const Tensor& logits, const Tensor& loss) {
+  constexpr std::string_view op = "router_z_loss_fwd";
+  const Device dev = check_same_device(op, {{"logits", logits}, {"loss", loss}});
+  check_logits(op, {"logits", logits});
+  check_loss(op, loss, {"logits", logits});
+  MOE_DISPATCH(router_z_loss_fwd, dev, logits, loss);
+}
+
+void router_z_loss_bwd(const Tensor& logits, float scale, const Tensor& dlogits) {
+  constexpr std::string_view op = "router_z_loss_bwd";
+  const Device dev = check_same_device(op, {{"logits", logits}, {"dlogits", dlogits}});
+  check_logits(op, {"logits", logits});
+  check_dtype(op, {"dlogits", dlogits}, DType::kF32);
+  check_same_shape(op, {"dlogits", dlogits}, {"logits", logits});
+  MOE_DISPATCH(router_z_loss_bwd, dev, logits, scale, dlogits);
+}
+
+void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets) {
+  constexpr std::string_view op = "moe_plan";
+  const Device dev = check_same_device(op, {{"experts", experts}, {"positions", positions}, {"offsets", offsets}});
+  check_dtype(op, {"experts", experts}, DType::kI32);
+  check_ndim(op, {"experts", experts}, 2);
+  MOE_CHECK(num_experts >= 1, "{}: num_experts={} must be >= 1", op, num_experts);
+  MOE_CHECK(experts.numel() <= std::numeric_limits<int32_t>::max(),
+            "{}: experts has shape {}: {} token copies do not fit the i32 positions", op, experts.shape().str(),
+            experts.numel());
+  check_dtype(op, {"positions", positions}, DType::kI32);
+  check_same_shape(op, {"positions", positions}, {"experts", experts});
+  check_dtype(op, {"offsets", offsets}, DType::kI64);
+  MOE_CHECK(offsets.shape() == Shape{int64_t{num_experts} + 1},
+            "{}: offsets has shape {} but num_experts={}; expected offsets of shape ({})", op, offsets.shape().str(),
+            num_experts, int64_t{num_experts} + 1);
+  MOE_DISPATCH(moe_plan, dev, experts, num_experts, positions, offsets);
+}
+
+void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out) {
+  constexpr std::string_view op = "moe_permute_fwd";
+  const Device dev = check_same_device(op, {{"x", x}, {"positions", positions}, {"out", out}});
+  check_dtype(op, {"x", x}, DType::kF32);
+  check_ndim(op, {"x", x}, 2);
+  check_positions(op, positions);
+  check_shape(op, {"positions", positions}, Shape{x.dim(0), positions.dim(1)}, {"x", x});
+  check_dtype(op, {"out", out}, DType::kF32);
+  check_shape(op, {"out", out}, Shape{positions.numel(), x.dim(1)}, {"positions", positions});
+  MOE_DISPATCH(moe_permute_fwd, dev, x, positions, out);
+}
+
+void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& dx) {
+  constexpr std::string_view op = "moe_permute_bwd";
+  const Device dev = check_same_device(op, {{"dout", dout}, {"positions", positions}, {"dx", dx}});
+  check_positions(op, positions);
+  check_dtype(op, {"dout", dout}, DType::kF32);
+  check_ndim(op, {"dout", dout}, 2);
+  check_shape(op, {"dout", dout}, Shape{positions.numel(), dout.dim(1)}, {"positions", positions});
+  check_dtype(op, {"dx", dx}, DType::kF32);
+  check_shape(op, {"dx", dx}, Shape{positions.dim(0), dout.dim(1)}, {"dout", dout});
+  MOE_DISPATCH(moe_permute_bwd, dev, dout, positions, dx);
+}
+
+void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& out) {
+  constexpr std::string_view op = "moe_unpermute_fwd";
+  const Device dev =
+      check_same_device(op, {{"y", y}, {"positions", positions}, {"weights", weights}, {"out", out}});
+  check_positions(op, positions);
+  check_dtype(op, {"weights", weights}, DType::kF32);
+  check_same_shape(op, {"weights", weights}, {"positions", positions});
+  check_dtype(op, {"y", y}, DType::kF32);
+  check_ndim(op, {"y", y}, 2);
+  check_shape(op, {"y", y}, Shape{positions.numel(), y.dim(1)}, {"positions", positions});
+  check_dtype(op, {"out", out}, DType::kF32);
+  check_shape(op, {"out", out}, Shape{positions.dim(0), y.dim(1)}, {"y", y});
+  MOE_DISPATCH(moe_unpermute_fwd, dev, y, positions, weights, out);
+}
+
+void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& dout,
+                       const Tensor& dy, const Tensor& dweights) {
+  constexpr std::string_view op = "moe_unpermute_bwd";
+  const Device dev = check_same_device(op, {{"y", y}, {"positions", positions}, {"weights", weights},
+                                            {"dout", dout}, {"dy", dy}, {"dweights", dweights}});
+  check_positions(op, positions);
+  check_dtype(op, {"weights", weights}, DType::kF32);
+  check_same_shape(op, {"weights", weights}, {"positions", positions});
+  check_dtype(op, {"y", y}, DType::kF32);
+  check_ndim(op, {"y", y}, 2);
+  check_shape(op, {"y", y}, Shape{positions.numel(), y.dim(1)}, {"positions", positions});
+  check_dtype(op, {"dout", dout}, DType::kF32);
+  check_shape(op, {"dout", dout}, Shape{positions.dim(0), y.dim(1)}, {"y", y});
+  check_dtype(op, {"dy", dy}, DType::kF32);
+  check_same_shape(op, {"dy", dy}, {"y", y});
+  check_dtype(op, {"dweights", dweights}, DType::kF32);
+  check_same_shape(op, {"dweights", dweights}, {"positions", positions});
+  MOE_DISPATCH(moe_unpermute_bwd, dev, y, positions, weights, dout, dy, dweights);
+}
+
+namespace {
+
+// x (M, Cin), w (E, Cout, Cin), offsets (E+1) i64; their values are checked by the kernel.
+void check_grouped_gemm_inputs(std::string_view op, const Tensor& x, const Tensor& w, const Tensor& offsets) {
+  check_dtype(op, {"x", x}, DType::kF32);
+  check_ndim(op, {"x", x}, 2);
+  check_dtype(op, {"w", w}, DType::kF32);
+  check_ndim(op, {"w", w}, 3);
+  check_shape(op, {"w", w}, Shape{w.dim(0), w.dim(1), x.dim(1)}, {"x", x});
+  check_dtype(op, {"offsets", offsets}, DType::kI64);
+  check_shape(op, {"offsets", offsets}, Shape{w.dim(0) + 1}, {"w", w});
+}
+
+}  // namespace
+
+void grouped_gemm_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& out) {
+  constexpr std::string_view op = "grouped_gemm_fwd";
+  const Device dev = check_same_device(op, {{"x", x}, {"w", w}, {"offsets", offsets}, {"out", out}});
+  check_grouped_gemm_inputs(op, x, w, offsets);
+  check_dtype(op, {"out", out}, DType::kF32);
+  check_shape(op, {"out", out}, Shape{x.dim(0), w.dim(1)}, {"w", w});
+  MOE_DISPATCH(grouped_gemm_fwd, dev, x, w, offsets, out);
+}
+
+void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dout, const Tensor& dx,
+                      const Tensor& dw) {
+  constexpr std::string_view op = "grouped_gemm_bwd";
+  const Device dev = check_same_device(
+      op, {{"x", x}, {"w", w}, {"offsets", offsets}, {"dout", dout}, {"dx", dx}, {"dw", dw}});
+  check_grouped_gemm_inputs(op, x, w, offsets);
+  check_dtype(op, {"dout", dout}, DType::kF32);
+  check_shape(op, {"dout", dout}, Shape{x.dim(0), w.dim(1)}, {"w", w});
+  check_dtype(op, {"dx", dx}, DType::kF32);
+  check_same_shape(op, {"dx", dx}, {"x", x});
+  check_dtype(op, {"dw", dw}, DType::kF32);
+  check_same_shape(op, {"dw", dw}, {"w", w});
+  MOE_DISPATCH(grouped_gemm_bwd, dev, x, w, offsets, dout, dx, dw);
+}
+
+}  // namespace moeforge::ops
