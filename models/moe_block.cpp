@@ -89,7 +89,7 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   ops::add_(out, h_in.reshape({N, C}));
 }
 
-void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs& a) const {
+void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs& a, float loss_scale) const {
   const int64_t N = a.xn.dim(0), C = cfg_.dim;
   const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden, M = N * K;
   const Tensor dy_out = dh_out.reshape({N, C});
@@ -117,11 +117,11 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
   Tensor dprobs;  // undefined when the aux loss is off: router_bwd then skips that path
   if (cfg_.aux_loss_coef > 0.0f) {
     dprobs = Tensor::empty({N, E}, DType::kF32);
-    ops::moe_aux_loss_bwd(a.probs, a.counts, static_cast<int>(K), cfg_.aux_loss_coef, dprobs);
+    ops::moe_aux_loss_bwd(a.probs, a.counts, static_cast<int>(K), loss_scale * cfg_.aux_loss_coef, dprobs);
   }
   const Tensor dlogits = Tensor::empty({N, E}, DType::kF32);
   ops::router_bwd(a.logits, cfg_.gating, a.experts, dweights, dprobs, dlogits);
-  if (cfg_.z_loss_coef > 0.0f) ops::router_z_loss_bwd(a.logits, cfg_.z_loss_coef, dlogits);
+  if (cfg_.z_loss_coef > 0.0f) ops::router_z_loss_bwd(a.logits, loss_scale * cfg_.z_loss_coef, dlogits);
   ops::gemm(dlogits, false, router_->value, false, dxn, /*accumulate=*/true);
   ops::gemm(dlogits, true, a.xn, false, router_->grad, /*accumulate=*/true);
 

@@ -47,8 +47,8 @@ class MoeBlock {
   // h_in, h_out: (B, T, C).
   void forward(const Tensor& h_in, const Tensor& h_out, MoeActs& acts) const;
   // dh_out (B, T, C) -> dh_in (B, T, C) written; parameter gradients accumulated, including those
-  // of cfg.aux_loss_coef * aux + cfg.z_loss_coef * z.
-  void backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs& acts) const;
+  // of loss_scale * (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z).
+  void backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs& acts, float loss_scale) const;
 
  private:
   const ModelConfig& cfg_;

@@ -30,9 +30,31 @@ void MoeTransformer::layer_forward(int i, const Tensor& h_in, const Tensor& h_ou
   moe_[i].forward(a.h_mid, h_out, a.moe);
 }
 
-LossReport MoeTransformer::forward(const Tensor& tokens, const Tensor& targets) {
+Tensor MoeTransformer::run_layers(const Tensor& tokens, double& aux, double& z) {
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::kI32,
-            "MoeTransformer::forward: tokens must be (B, T) i32, got {}", tokens.str());
+            "MoeTransformer: tokens must be (B, T) i32, got {}", tokens.str());
+  const int64_t B = tokens.dim(0), T = tokens.dim(1), N = B * T, C = cfg_.dim;
+  Tensor h = Tensor::empty({B, T, C}, DType::kF32);
+  ops::embedding_fwd(tokens.reshape({N}), embed_->value, h.reshape({N, C}));
+  aux = 0.0;
+  z = 0.0;
+  acts_.assign(static_cast<size_t>(cfg_.n_layers), {});
+  for (int i = 0; i < cfg_.n_layers; ++i) {
+    LayerActs& a = acts_[static_cast<size_t>(i)];
+    const Tensor h_next = Tensor::empty({B, T, C}, DType::kF32);
+    layer_forward(i, h, h_next, a);
+    aux += a.moe.aux;
+    z += a.moe.z;
+    if (cfg_.recompute) {  // keep only the input; backward re-runs the layer
+      a = LayerActs{};
+      a.h_in = h;
+    }
+    h = h_next;
+  }
+  return h;
+}
+
+LossReport MoeTransformer::forward(const Tensor& tokens, const Tensor& targets) {
   MOE_CHECK(targets.shape() == tokens.shape() && targets.dtype() == DType::kI32,
             "MoeTransformer::forward: targets {} must match tokens {}", targets.str(), tokens.str());
   batch_ = tokens.dim(0);
@@ -41,25 +63,8 @@ LossReport MoeTransformer::forward(const Tensor& tokens, const Tensor& targets) 
   tokens_ = tokens.reshape({N});
   targets_ = targets.reshape({N});
 
-  Tensor h = Tensor::empty({batch_, seq_, C}, DType::kF32);
-  ops::embedding_fwd(tokens_, embed_->value, h.reshape({N, C}));
-
   LossReport report;
-  acts_.assign(static_cast<size_t>(cfg_.n_layers), {});
-  for (int i = 0; i < cfg_.n_layers; ++i) {
-    LayerActs& a = acts_[static_cast<size_t>(i)];
-    const Tensor h_next = Tensor::empty({batch_, seq_, C}, DType::kF32);
-    layer_forward(i, h, h_next, a);
-    report.aux += a.moe.aux;
-    report.z += a.moe.z;
-    if (cfg_.recompute) {  // keep only the input; backward re-runs the layer
-      a = LayerActs{};
-      a.h_in = h;
-    }
-    h = h_next;
-  }
-
-  h_final_ = h.reshape({N, C});
+  h_final_ = run_layers(tokens, report.aux, report.z).reshape({N, C});
   f_ = Tensor::empty({N, C}, DType::kF32);
   f_rstd_ = Tensor::empty({N}, DType::kF32);
   ops::rmsnorm_fwd(h_final_, final_norm_->value, cfg_.norm_eps, f_, f_rstd_);
@@ -84,12 +89,25 @@ LossReport MoeTransformer::forward(const Tensor& tokens, const Tensor& targets) 
   return report;
 }
 
-void MoeTransformer::backward() {
+Tensor MoeTransformer::logits(const Tensor& tokens) {
+  const int64_t B = tokens.dim(0), T = tokens.dim(1), N = B * T, C = cfg_.dim, V = cfg_.vocab_size;
+  double aux = 0.0, z = 0.0;
+  const Tensor h = run_layers(tokens, aux, z).reshape({N, C});
+  acts_.clear();
+  const Tensor f = Tensor::empty({N, C}, DType::kF32);
+  const Tensor rstd = Tensor::empty({N}, DType::kF32);
+  ops::rmsnorm_fwd(h, final_norm_->value, cfg_.norm_eps, f, rstd);
+  const Tensor out = Tensor::empty({B, T, V}, DType::kF32);
+  ops::gemm(f, false, head().value, true, out.reshape({N, V}));
+  return out;
+}
+
+void MoeTransformer::backward(float loss_scale) {
   MOE_CHECK(logits_.defined(), "MoeTransformer::backward: call forward() first");
   const int64_t N = batch_ * seq_, C = cfg_.dim;
 
   // Head: logits = f · Wᵀ. The CE gradient overwrites the logits buffer in place.
-  const float scale = counted_ ? 1.0f / static_cast<float>(counted_) : 0.0f;
+  const float scale = counted_ ? loss_scale / static_cast<float>(counted_) : 0.0f;
   ops::cross_entropy_bwd(logits_, targets_, lse_, scale, logits_);
   const Param& w = head();
   ops::gemm(logits_, true, f_, false, w.grad, /*accumulate=*/true);
@@ -108,7 +126,7 @@ void MoeTransformer::backward() {
       const Tensor scratch = Tensor::empty(a.h_in.shape(), DType::kF32);
       layer_forward(i, a.h_in, scratch, a);
     }
-    moe_[static_cast<size_t>(i)].backward(dh, dh_mid, a.moe);
+    moe_[static_cast<size_t>(i)].backward(dh, dh_mid, a.moe, loss_scale);
     attn_[static_cast<size_t>(i)].backward(dh_mid, dh_prev, a.attn);
     a = LayerActs{};
     std::swap(dh, dh_prev);

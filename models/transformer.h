@@ -38,8 +38,11 @@ class MoeTransformer {
 
   // tokens, targets: (B, T) i32.
   LossReport forward(const Tensor& tokens, const Tensor& targets);
-  // Gradients of the loss of the last forward(); releases its activations.
-  void backward();
+  // Accumulates loss_scale * d loss / d parameter for the loss of the last forward() and releases
+  // its activations. Gradient accumulation over micro-batches passes 1 / micro_batches.
+  void backward(float loss_scale = 1.0f);
+  // Next-token logits (B, T, V) for tokens (B, T) i32, without keeping anything for backward.
+  Tensor logits(const Tensor& tokens);
   // Per layer, the experts chosen in the last forward(): (N, K) i32 each.
   std::vector<Tensor> last_routing() const;
 
@@ -51,6 +54,9 @@ class MoeTransformer {
     MoeActs moe;
   };
   void layer_forward(int i, const Tensor& h_in, const Tensor& h_out, LayerActs& acts) const;
+  // Embedding and layers for tokens (B, T); fills acts_ and returns the last hidden state
+  // (B, T, C) and the summed aux / z losses.
+  Tensor run_layers(const Tensor& tokens, double& aux, double& z);
   const Param& head() const;
 
   ModelConfig cfg_;

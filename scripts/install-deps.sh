@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every system package moeforge builds, tests and runs with (Debian/Ubuntu).
 # Idempotent: packages already present are skipped, and apt's lists are refreshed only when
-# something is missing. CUDA is not installed here: it comes with the CUDA toolkit under
+# something is missing. `--runtime` installs only what building and running moeforge needs
+# (not the Python packages the tests compare against). CUDA is not installed here: it comes with the CUDA toolkit under
 # /usr/local/cuda, and the build uses it when nvcc is found (MOEFORGE_CUDA=AUTO).
 set -euo pipefail
 
@@ -13,8 +14,11 @@ packages=(
   libopenblas-openmp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev libfmt-dev libssl-dev
-  python3-torch python3-numpy python3-h5py python3-venv
 )
+test_packages=(python3-torch python3-numpy python3-h5py python3-venv)
+if [ "${1:-}" != "--runtime" ]; then
+  packages+=("${test_packages[@]}")
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,91 @@
+// The moeforge command line: one binary for every rank and every task.
+//
+//   moeforge train --config configs/tiny.pbtxt [--set train.steps=100 ...]
+//   moeforge data prepare --input a.txt b.txt --output data/ [--val-fraction 0.1]
+//
+// Exit codes: 0 success; 1 a runtime error (bad data, I/O, numerical failure); 2 a usage or
+// configuration error. Every error is one line on stderr saying what and where.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "data/prepare.h"
+#include "launch/config.h"
+#include "launch/trainer.h"
+
+namespace {
+
+constexpr const char* kVersion = "0.1.0";
+
+int run_train(const std::string& config_path, const std::vector<std::string>& overrides) {
+  const moeforge::config::RunConfig run = moeforge::load_run_config(config_path, overrides, /*world_size=*/1);
+  moeforge::Trainer trainer(run);
+  trainer.run();
+  return 0;
+}
+
+int run_prepare(const moeforge::data::PrepareOptions& options) {
+  const moeforge::data::PrepareSummary s = moeforge::data::prepare(options);
+  fmt::print("prepared {} file(s), {} bytes: train {} tokens in {} shard(s), validation {} tokens in {} shard(s); manifest {}\n",
+             s.input_files, s.input_bytes, s.train.tokens, s.train.shards, s.val.tokens, s.val.shards,
+             s.manifest_path);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"moeforge: pretrain Mixture-of-Experts transformers and release them as open weights"};
+  app.set_version_flag("--version", std::string("moeforge ") + kVersion);
+  app.require_subcommand(1);
+
+  std::string config_path;
+  std::vector<std::string> overrides;
+  CLI::App* train = app.add_subcommand("train", "Train a model from a run configuration");
+  train->add_option("--config", config_path, "Run configuration (protobuf text format, see configs/)")->required();
+  train->add_option("--set", overrides, "Override a field: --set path.to.field=value (repeatable)")
+      ->allow_extra_args(false);
+
+  CLI::App* data = app.add_subcommand("data", "Prepare training data");
+  data->require_subcommand(1);
+  moeforge::data::PrepareOptions prepare;
+  CLI::App* prep = data->add_subcommand("prepare", "Tokenize text files into token shards (byte-level tokenizer)");
+  prep->add_option("--input", prepare.inputs, "Text files")->required()->check(CLI::ExistingFile);
+  prep->add_option("--output", prepare.output_dir, "Output directory (train/, val/, manifest.json)")->required();
+  prep->add_option("--val-fraction", prepare.val_fraction,
+                   "Fraction of each file (its end, cut at a line start) held out for validation")
+      ->check(CLI::Range(0.0, 0.999999));
+  prep->add_option("--max-tokens-per-shard", prepare.max_tokens_per_shard, "Tokens per shard file")
+      ->check(CLI::PositiveNumber);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+
+  try {
+    if (*train) return run_train(config_path, overrides);
+    if (*prep) return run_prepare(prepare);
+  } catch (const moeforge::ConfigError& e) {
+    std::fprintf(stderr, "moeforge: config error: %s\n", e.what());
+    return 2;
+  } catch (const moeforge::Error& e) {
+    std::fprintf(stderr, "moeforge: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moeforge: unexpected error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

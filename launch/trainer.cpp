@@ -1,0 +1,203 @@
+#include "launch/trainer.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+
+#include <fmt/format.h>
+
+#include "data/byte_tokenizer.h"
+#include "launch/config.h"
+#include "launch/generate.h"
+#include "optim/grad_clip.h"
+
+namespace moeforge {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+double unix_time() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "--:--";
+  const int64_t s = static_cast<int64_t>(seconds + 0.5);
+  if (s >= 3600) return fmt::format("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60);
+  return fmt::format("{:02}:{:02}", s / 60, s % 60);
+}
+
+std::string format_rate(double tokens_per_s) {
+  if (tokens_per_s >= 1e6) return fmt::format("{:.2f}M", tokens_per_s / 1e6);
+  if (tokens_per_s >= 1e3) return fmt::format("{:.1f}k", tokens_per_s / 1e3);
+  return fmt::format("{:.0f}", tokens_per_s);
+}
+
+LrScheduleKind schedule_kind(config::OptimConfig::Schedule s) {
+  switch (s) {
+    case config::OptimConfig::COSINE: return LrScheduleKind::kCosine;
+    case config::OptimConfig::WSD: return LrScheduleKind::kWsd;
+    case config::OptimConfig::CONSTANT: return LrScheduleKind::kConstant;
+  }
+  MOE_THROW("optim.schedule: unknown value {}", static_cast<int>(s));
+}
+
+// The validation split: data.val, or <data.train>/../val when that exists.
+std::string val_dir(const config::DataConfig& d) {
+  if (!d.val().empty()) return d.val();
+  const fs::path sibling = fs::path(d.train()).parent_path() / "val";
+  return fs::exists(sibling) ? sibling.string() : std::string();
+}
+
+}  // namespace
+
+Trainer::Trainer(const config::RunConfig& run) : run_(run) {
+  const auto& t = run_.train();
+  if (t.threads() > 0) omp_set_num_threads(t.threads());
+  const ModelConfig mc = model_config_from(run_);
+
+  train_data_ = std::make_unique<data::TokenDataset>(run_.data().train(), mc.vocab_size);
+  train_sampler_ = std::make_unique<data::Sampler>(*train_data_, t.seq_len(), t.seed());
+  const std::string val = val_dir(run_.data());
+  if (!val.empty()) {
+    val_data_ = std::make_unique<data::TokenDataset>(val, mc.vocab_size);
+    // A separate seed stream: the validation set is the same fixed samples at every evaluation.
+    val_sampler_ = std::make_unique<data::Sampler>(*val_data_, t.seq_len(), t.seed() ^ 0x76616c69646174ull);
+  }
+
+  model_ = std::make_unique<MoeTransformer>(mc);
+  model_->registry().init(t.seed());
+  const auto& o = run_.optim();
+  optimizer_ = std::make_unique<AdamW>(
+      model_->registry(), AdamWOptions{.beta1 = o.beta1(), .beta2 = o.beta2(), .eps = o.eps(), .weight_decay = o.weight_decay()});
+  schedule_ = std::make_unique<LrSchedule>(LrScheduleOptions{.peak_lr = o.lr(),
+                                                             .min_lr = o.min_lr(),
+                                                             .warmup_steps = o.warmup_steps(),
+                                                             .total_steps = t.steps(),
+                                                             .kind = schedule_kind(o.schedule()),
+                                                             .decay_fraction = o.decay_fraction()});
+  const fs::path log_dir = run_.logging().dir();
+  metrics_ = std::make_unique<MetricsLogger>(log_dir, log_dir / "metrics.jsonl");
+
+  tokens_ = Tensor::empty({t.micro_batch(), t.seq_len()}, DType::kI32);
+  targets_ = Tensor::empty({t.micro_batch(), t.seq_len()}, DType::kI32);
+}
+
+StepMetrics Trainer::step() {
+  const auto& t = run_.train();
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t micro_batches = t.global_batch() / t.micro_batch();
+  StepMetrics m;
+  m.lr = schedule_->lr(step_);
+
+  model_->registry().zero_grad();
+  const data::SampleRange range = data::dp_slice(step_, t.global_batch(), /*dp=*/1, /*rank=*/0);
+  for (int64_t mb = 0; mb < micro_batches; ++mb) {
+    train_sampler_->fill_batch(range.first + static_cast<uint64_t>(mb * t.micro_batch()), t.micro_batch(), tokens_,
+                               targets_);
+    const LossReport r = model_->forward(tokens_, targets_);
+    model_->backward(1.0f / static_cast<float>(micro_batches));
+    m.loss.loss += r.loss / static_cast<double>(micro_batches);
+    m.loss.ce += r.ce / static_cast<double>(micro_batches);
+    m.loss.aux += r.aux / static_cast<double>(micro_batches);
+    m.loss.z += r.z / static_cast<double>(micro_batches);
+    m.loss.targets += r.targets;
+  }
+  m.grad_norm = clip_grad_norm(model_->registry(), run_.optim().grad_clip());
+  optimizer_->step(static_cast<float>(m.lr));
+
+  ++step_;
+  next_sample_ = range.first + static_cast<uint64_t>(range.count);
+  m.step = step_;
+  m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  m.tokens_per_s = static_cast<double>(t.global_batch() * t.seq_len()) / m.step_seconds;
+  return m;
+}
+
+double Trainer::evaluate() {
+  if (!val_sampler_) return std::numeric_limits<double>::quiet_NaN();
+  const auto& t = run_.train();
+  double sum = 0.0;
+  for (int64_t b = 0; b < t.eval_batches(); ++b) {
+    val_sampler_->fill_batch(static_cast<uint64_t>(b * t.micro_batch()), t.micro_batch(), tokens_, targets_);
+    sum += model_->forward(tokens_, targets_).ce;
+  }
+  return sum / static_cast<double>(t.eval_batches());
+}
+
+std::string Trainer::sample(const std::string& prompt) {
+  const auto& t = run_.train();
+  std::vector<int32_t> ids{data::kBos};
+  const std::vector<int32_t> text = data::encode(prompt);
+  ids.insert(ids.end(), text.begin(), text.end());
+  const std::vector<int32_t> out = generate(*model_, ids,
+                                            SampleOptions{.max_new_tokens = t.sample_tokens(),
+                                                          .temperature = t.sample_temperature(),
+                                                          .seed = t.seed(),
+                                                          .context = t.seq_len(),
+                                                          .stop_token = data::kEos});
+  return data::decode(out);
+}
+
+std::string Trainer::format_step_line(const StepMetrics& m, double elapsed_s) const {
+  const int64_t total = run_.train().steps();
+  const double eta = elapsed_s / static_cast<double>(m.step) * static_cast<double>(total - m.step);
+  return fmt::format("step {:>{}}/{} | loss {:.4f} (ce {:.4f} aux {:.4f} z {:.3f}) | lr {:.2e} | gnorm {:.3f} | {} tok/s | {} | ETA {}",
+                     m.step, std::to_string(total).size(), total, m.loss.loss, m.loss.ce, m.loss.aux, m.loss.z, m.lr,
+                     m.grad_norm, format_rate(m.tokens_per_s), format_duration(elapsed_s), format_duration(eta));
+}
+
+void Trainer::run() {
+  const auto& t = run_.train();
+  const ModelConfig& mc = model_->config();
+  fmt::print("moeforge: {} parameters ({} layers, {} experts top-{}, dim {}), {} train tokens{}\n",
+             model_->registry().global_numel(), mc.n_layers, mc.n_experts, mc.top_k, mc.dim, train_data_->size(),
+             val_data_ ? fmt::format(", {} validation tokens", val_data_->size()) : std::string(", no validation split"));
+  fmt::print("moeforge: {} steps x {} sequences x {} tokens, {} micro-batches per step, logging to {}\n", t.steps(),
+             t.global_batch(), t.seq_len(), t.global_batch() / t.micro_batch(), run_.logging().dir());
+  std::fflush(stdout);
+
+  const auto start = std::chrono::steady_clock::now();
+  double tokens_per_s_sum = 0.0;
+  int64_t rate_steps = 0;
+  while (step_ < t.steps()) {
+    const StepMetrics m = step();
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    // The first step includes one-time allocation; leave it out of the throughput average.
+    if (m.step > 1) {
+      tokens_per_s_sum += m.tokens_per_s;
+      ++rate_steps;
+    }
+    const bool last = m.step == t.steps();
+    std::map<std::string, double> scalars;
+    if (m.step % t.log_every() == 0 || last || m.step == 1) {
+      fmt::print("{}\n", format_step_line(m, elapsed));
+      scalars = {{"train/loss", m.loss.loss}, {"train/ce", m.loss.ce},      {"train/aux", m.loss.aux},
+                 {"train/z", m.loss.z},       {"train/lr", m.lr},           {"train/grad_norm", m.grad_norm},
+                 {"train/tokens_per_s", m.tokens_per_s}, {"train/elapsed_s", elapsed}};
+    }
+    if ((t.eval_every() > 0 && m.step % t.eval_every() == 0) || last) {
+      const double val = evaluate();
+      if (std::isfinite(val)) {
+        fmt::print("step {} | validation loss {:.4f} nats/token ({:.3f} bits/byte)\n", m.step, val, val / std::log(2.0));
+        scalars["val/loss"] = val;
+      }
+      if (t.sample_at_eval() && !last) fmt::print("sample: {}\n", sample(t.sample_prompt()));
+    }
+    if (!scalars.empty()) metrics_->log(m.step, unix_time(), scalars);
+    std::fflush(stdout);
+  }
+  if (rate_steps > 0) {
+    fmt::print("moeforge: trained {} steps, mean {} tok/s\n", step_, format_rate(tokens_per_s_sum / static_cast<double>(rate_steps)));
+  }
+  if (t.sample_tokens() > 0) {
+    fmt::print("sample (prompt \"{}\", temperature {}):\n{}{}\n", t.sample_prompt(), t.sample_temperature(),
+               t.sample_prompt(), sample(t.sample_prompt()));
+  }
+  std::fflush(stdout);
+}
+
+}  // namespace moeforge

@@ -1,0 +1,75 @@
+// The training loop of `moeforge train` (single process for now).
+//
+// One step: for each micro-batch of the global batch, fill tokens/targets from the sampler at
+// the step's global sample indices, forward, backward with loss scale 1/micro_batches (so the
+// gradient is that of the mean loss over the global batch); then the global grad norm, clipping,
+// the learning rate of this step and one AdamW update. Every log_every steps (and the last) rank
+// 0 prints one line and appends the same metrics to metrics.jsonl and the TensorBoard events in
+// logging.dir; every eval_every steps (and at the end) it measures the validation loss on a fixed
+// set of validation samples; at the end it prints a sample continuation of train.sample_prompt.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "configs/moeforge.pb.h"
+#include "data/sampler.h"
+#include "data/token_shard.h"
+#include "launch/metrics.h"
+#include "models/transformer.h"
+#include "optim/adamw.h"
+#include "optim/lr_schedule.h"
+
+namespace moeforge {
+
+struct StepMetrics {
+  int64_t step = 0;  // 1-based number of the step just taken
+  LossReport loss;   // averaged over the micro-batches
+  double lr = 0.0;
+  double grad_norm = 0.0;  // before clipping
+  double tokens_per_s = 0.0;
+  double step_seconds = 0.0;
+};
+
+class Trainer {
+ public:
+  // Opens the datasets, builds and initialises the model. Throws Error on bad data paths.
+  explicit Trainer(const config::RunConfig& run);
+
+  // Runs train.steps steps with evaluation, logging and the final sample.
+  void run();
+
+  // One optimizer step on the next global batch; advances the data position.
+  StepMetrics step();
+  // Mean validation cross-entropy over train.eval_batches micro-batches of fixed samples; NaN
+  // when there is no validation split.
+  double evaluate();
+  // A continuation of `prompt` (decoded text, without the prompt).
+  std::string sample(const std::string& prompt);
+
+  MoeTransformer& model() { return *model_; }
+  int64_t steps_done() const { return step_; }
+  // The next global sample index of the training stream (the whole data position).
+  uint64_t data_position() const { return next_sample_; }
+
+ private:
+  std::string format_step_line(const StepMetrics& m, double elapsed_s) const;
+
+  config::RunConfig run_;
+  std::unique_ptr<data::TokenDataset> train_data_;
+  std::unique_ptr<data::TokenDataset> val_data_;  // null without a validation split
+  std::unique_ptr<data::Sampler> train_sampler_;
+  std::unique_ptr<data::Sampler> val_sampler_;
+  std::unique_ptr<MoeTransformer> model_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<LrSchedule> schedule_;
+  std::unique_ptr<MetricsLogger> metrics_;
+  int64_t step_ = 0;
+  uint64_t next_sample_ = 0;
+  Tensor tokens_, targets_;  // (micro_batch, seq_len) i32
+};
+
+}  // namespace moeforge
