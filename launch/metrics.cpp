@@ -105,8 +105,10 @@ void JsonlWriter::write(const nlohmann::json& record) {
 
 // ---- MetricsLogger ----------------------------------------------------------------------------
 
-MetricsLogger::MetricsLogger(const fs::path& tensorboard_dir, const fs::path& jsonl_path)
-    : tensorboard_(tensorboard_dir), jsonl_(jsonl_path) {}
+MetricsLogger::MetricsLogger(const fs::path& tensorboard_dir, const fs::path& jsonl_path) {
+  if (!tensorboard_dir.empty()) tensorboard_ = std::make_unique<TensorBoardWriter>(tensorboard_dir);
+  if (!jsonl_path.empty()) jsonl_ = std::make_unique<JsonlWriter>(jsonl_path);
+}
 
 void MetricsLogger::log(int64_t step, double wall_time, const std::map<std::string, double>& metrics) {
   MOE_CHECK(step >= 0, "metrics: step must be >= 0, got {}", step);
@@ -117,11 +119,11 @@ void MetricsLogger::log(int64_t step, double wall_time, const std::map<std::stri
               "metrics: invalid metric name '{}' (empty, \"step\" and \"wall_time\" are reserved)", name);
   }
   for (const auto& [name, value] : metrics) {
-    tensorboard_.scalar(name, step, value, wall_time);
+    if (tensorboard_) tensorboard_->scalar(name, step, value, wall_time);
     line[name] = value;
   }
-  tensorboard_.flush();
-  jsonl_.write(line);
+  if (tensorboard_) tensorboard_->flush();
+  if (jsonl_) jsonl_->write(line);
 }
 
 }  // namespace moeforge

@@ -75,6 +75,7 @@ class JsonlWriter {
 
 class MetricsLogger {
  public:
+  // An empty path turns that output off (logging.tensorboard / logging.jsonl = false).
   MetricsLogger(const std::filesystem::path& tensorboard_dir, const std::filesystem::path& jsonl_path);
 
   // Writes one step: a scalar per entry of `metrics` to TensorBoard (tag = name) and the line
@@ -83,12 +84,13 @@ class MetricsLogger {
   // wall_time is seconds since the Unix epoch.
   void log(int64_t step, double wall_time, const std::map<std::string, double>& metrics);
 
-  const std::filesystem::path& event_file() const { return tensorboard_.path(); }
-  const std::filesystem::path& jsonl_file() const { return jsonl_.path(); }
+  // Empty when that output is off.
+  std::filesystem::path event_file() const { return tensorboard_ ? tensorboard_->path() : std::filesystem::path(); }
+  std::filesystem::path jsonl_file() const { return jsonl_ ? jsonl_->path() : std::filesystem::path(); }
 
  private:
-  TensorBoardWriter tensorboard_;
-  JsonlWriter jsonl_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
+  std::unique_ptr<JsonlWriter> jsonl_;
 };
 
 }  // namespace moeforge

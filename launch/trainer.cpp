@@ -80,7 +80,8 @@ Trainer::Trainer(const config::RunConfig& run) : run_(run) {
                                                              .kind = schedule_kind(o.schedule()),
                                                              .decay_fraction = o.decay_fraction()});
   const fs::path log_dir = run_.logging().dir();
-  metrics_ = std::make_unique<MetricsLogger>(log_dir, log_dir / "metrics.jsonl");
+  metrics_ = std::make_unique<MetricsLogger>(run_.logging().tensorboard() ? log_dir : fs::path(),
+                                             run_.logging().jsonl() ? log_dir / "metrics.jsonl" : fs::path());
 
   tokens_ = Tensor::empty({t.micro_batch(), t.seq_len()}, DType::kI32);
   targets_ = Tensor::empty({t.micro_batch(), t.seq_len()}, DType::kI32);

@@ -1,9 +1,10 @@
 #include "runtime/cpu/attention.h"
 
+#include "runtime/cpu/simd_exp.h"
+
 #include <cblas.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -20,30 +21,6 @@ constexpr int64_t kTile = 64;
 
 // Below this many multiply-adds (of one score matrix) the work stays on the calling thread.
 constexpr int64_t kParallelWork = int64_t{1} << 18;
-
-// exp(x) for finite x <= 88, exactly 0 below about -87.7 (where expf underflows too). Written
-// so the compiler vectorises the loops that call it: glibc's expf is a scalar call and would
-// dominate the tile work. Cephes' expf: exp(x) = 2^n exp(r), n = round(x / ln 2),
-// |r| <= ln 2 / 2, a degree-7 polynomial for exp(r); relative error < 1e-7. The underflow clamp is
-// on the integer exponent because a float compare-and-select in the loop (which may raise FP
-// exceptions on NaN) keeps GCC from vectorising it without -fno-trapping-math.
-inline float fast_exp(float x) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
-  const float t = x * 1.44269504088896341f + kRound;
-  const float n = t - kRound;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  // n as an integer; n = -127 builds the float 0, so everything below 2^-126 flushes to exactly 0.
-  const int32_t e = std::max(std::bit_cast<int32_t>(t) - std::bit_cast<int32_t>(kRound), -127);
-  return p * std::bit_cast<float>((e + 127) << 23);
-}
 
 // Shapes of one call, and the strides of a time step in the (B, T, H, D) / (B, T, Hkv, D) layouts.
 struct Dims {
@@ -96,7 +73,7 @@ void forward_tile(const Dims& d, const float* q, const float* k, const float* v,
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < vis; ++c) {
-        sr[c] = fast_exp(sr[c] - mx);
+        sr[c] = simd_exp(sr[c] - mx);
         sum += sr[c];
       }
       std::fill(sr + vis, sr + cols, 0.0f);  // masked keys contribute exactly 0
@@ -174,7 +151,7 @@ void backward_group(const Dims& d, const float* q, const float* k, const float* 
           const int64_t vis = visible_cols(i0, j0, r, cols);
           const float lr = lse_i[r];
 #pragma omp simd
-          for (int64_t c = 0; c < vis; ++c) pr[c] = fast_exp(pr[c] - lr);
+          for (int64_t c = 0; c < vis; ++c) pr[c] = simd_exp(pr[c] - lr);
           std::fill(pr + vis, pr + cols, 0.0f);
         }
         // dv_j (cols, D) += pᵀ · dout_i

@@ -4,6 +4,8 @@
 // (normwise relative), in fp32. Also: recomputation on and off give identical gradients.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -197,6 +199,56 @@ TEST(Transformer, GradientsAccumulateAcrossBackwardCalls) {
     for (size_t j = 0; j < twice.size(); ++j) ASSERT_FLOAT_EQ(twice[j], 2.0f * once[i][j]) << p.spec.name;
     ++i;
   }
+}
+
+TEST(Transformer, LossScaleScalesEveryGradient) {
+  ModelConfig cfg = base_config();
+  cfg.n_shared_experts = 1;
+  const Tensor tokens = random_ints({2, 7}, 3, 0, 37);
+  const Tensor targets = random_ints({2, 7}, 4, 0, 37);
+  MoeTransformer a(cfg), b(cfg);
+  a.registry().init(11);
+  b.registry().init(11);
+  a.forward(tokens, targets);
+  a.backward(1.0f);
+  b.forward(tokens, targets);
+  b.backward(0.25f);
+  for (const Param& p : a.registry().params()) {
+    std::vector<double> want = to_double(p.grad);
+    for (double& w : want) w *= 0.25;
+    testing::expect_close(b.registry().get(p.spec.name).grad, want, 1e-6, 1e-9, p.spec.name);
+  }
+}
+
+TEST(Transformer, LogitsAgreeWithTheTrainingForward) {
+  const ModelConfig cfg = base_config();
+  const Tensor tokens = random_ints({2, 9}, 5, 0, 37);
+  const Tensor targets = random_ints({2, 9}, 6, 0, 37);
+  MoeTransformer model(cfg);
+  model.registry().init(3);
+  const Tensor logits = model.logits(tokens);
+  ASSERT_EQ(logits.shape(), Shape({2, 9, 37}));
+  // Cross-entropy recomputed in double from the returned logits equals the forward's CE.
+  const std::vector<double> l = to_double(logits);
+  const int32_t* t = targets.data<int32_t>();
+  double ce = 0.0;
+  for (int n = 0; n < 18; ++n) {
+    double mx = -1e300, sum = 0.0;
+    for (int v = 0; v < 37; ++v) mx = std::max(mx, l[n * 37 + v]);
+    for (int v = 0; v < 37; ++v) sum += std::exp(l[n * 37 + v] - mx);
+    ce += mx + std::log(sum) - l[n * 37 + t[n]];
+  }
+  EXPECT_NEAR(model.forward(tokens, targets).ce, ce / 18.0, 1e-5);
+  // Causality: changing the last token leaves every earlier position's logits unchanged (up to
+  // rounding: the changed token's routing changes the row count of the experts' GEMMs, and
+  // OpenBLAS may block other rows differently).
+  Tensor changed = tokens.clone();
+  changed.data<int32_t>()[8] = (changed.data<int32_t>()[8] + 1) % 37;
+  const std::vector<double> l2 = to_double(model.logits(changed));
+  for (int v = 0; v < 8 * 37; ++v) ASSERT_NEAR(l[v], l2[v], 1e-5) << v;
+  double moved = 0.0;
+  for (int v = 8 * 37; v < 9 * 37; ++v) moved += std::abs(l[v] - l2[v]);
+  EXPECT_GT(moved, 1e-3) << "the changed position's own logits must change";
 }
 
 TEST(Transformer, BadBatchIsRejected) {
