@@ -399,18 +399,13 @@ class Validator {
     }
     divides("parallel.tp", p.tp(), "model.n_heads", m.n_heads());
     divides("parallel.tp", p.tp(), "model.n_kv_heads", m.n_kv_heads());
-    if (m.vocab_size() % p.tp() != 0) {
-      origins_.fail(
-          {"parallel.tp", "model.vocab_size"},
-          fmt::format("{} does not divide model.vocab_size = {} (the embedding and the LM head are split over "
-                      "TP by vocabulary rows; pad it to {})",
-                      p.tp(), m.vocab_size(), (m.vocab_size() / p.tp() + 1) * p.tp()));
-    }
-    if (m.n_shared_experts() > 0 && (m.n_shared_experts() * m.expert_hidden()) % p.tp() != 0) {
-      origins_.fail({"parallel.tp", "model.n_shared_experts", "model.expert_hidden"},
-                    fmt::format("{} does not divide model.n_shared_experts * model.expert_hidden = {} (the shared "
-                                "experts are split over TP)",
-                                p.tp(), product_text(m.n_shared_experts(), m.expert_hidden())));
+    // The vocabulary is padded up to a multiple of tp (models/transformer.h); the shared experts
+    // are whole on every rank, like the routed ones: neither constrains tp.
+    if ((cfg_.train().micro_batch() * cfg_.train().seq_len()) % p.tp() != 0) {
+      origins_.fail({"parallel.tp", "train.micro_batch", "train.seq_len"},
+                    fmt::format("{} does not divide the {} tokens of a micro-batch (train.micro_batch * "
+                                "train.seq_len; sequence parallelism splits them over TP)",
+                                p.tp(), cfg_.train().micro_batch() * cfg_.train().seq_len()));
     }
     if (p.zero_stage() != 0 && p.zero_stage() != 1) {
       origins_.fail({"parallel.zero_stage"}, fmt::format("must be 0 or 1, got {}", p.zero_stage()));

@@ -15,15 +15,38 @@
 #include "data/prepare.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
+#include "parallel/mpi_runtime.h"
 
 namespace {
 
 constexpr const char* kVersion = "0.1.0";
 
+// Every rank runs this. Configuration errors are the same on every rank (each parses the same
+// file against the same world size), so rank 0 reports and all exit 2 without a collective
+// pending. Any later error may hit one rank only: it is reported by that rank and the whole job
+// is aborted, so no other rank waits for it in a collective.
 int run_train(const std::string& config_path, const std::vector<std::string>& overrides) {
-  const moeforge::config::RunConfig run = moeforge::load_run_config(config_path, overrides, /*world_size=*/1);
-  moeforge::Trainer trainer(run);
-  trainer.run();
+  moeforge::MpiRuntime mpi;
+  moeforge::config::RunConfig run;
+  try {
+    run = moeforge::load_run_config(config_path, overrides, mpi.world_size());
+  } catch (const moeforge::ConfigError& e) {
+    if (mpi.world_rank() == 0) std::fprintf(stderr, "moeforge: config error: %s\n", e.what());
+    return 2;
+  }
+  try {
+    const auto& p = run.parallel();
+    const moeforge::ProcessGrid grid = moeforge::ProcessGrid::create(
+        mpi, moeforge::ParallelSizes{.tp = p.tp(), .pp = p.pp(), .dp = p.dp(), .ep = p.ep()}, p.collective_timeout_s());
+    moeforge::Trainer trainer(run, grid);
+    trainer.run();
+  } catch (const std::exception& e) {
+    if (mpi.world_size() == 1) {
+      std::fprintf(stderr, "moeforge: error: %s\n", e.what());
+      return 1;
+    }
+    mpi.abort(1, fmt::format("error: {}", e.what()));
+  }
   return 0;
 }
 

@@ -11,7 +11,6 @@
 #include "data/byte_tokenizer.h"
 #include "launch/config.h"
 #include "launch/generate.h"
-#include "optim/grad_clip.h"
 
 namespace moeforge {
 
@@ -54,7 +53,7 @@ std::string val_dir(const config::DataConfig& d) {
 
 }  // namespace
 
-Trainer::Trainer(const config::RunConfig& run) : run_(run) {
+Trainer::Trainer(const config::RunConfig& run, const ProcessGrid& grid) : run_(run), grid_(grid) {
   const auto& t = run_.train();
   if (t.threads() > 0) omp_set_num_threads(t.threads());
   const ModelConfig mc = model_config_from(run_);
@@ -68,20 +67,24 @@ Trainer::Trainer(const config::RunConfig& run) : run_(run) {
     val_sampler_ = std::make_unique<data::Sampler>(*val_data_, t.seq_len(), t.seed() ^ 0x76616c69646174ull);
   }
 
-  model_ = std::make_unique<MoeTransformer>(mc);
+  model_ = std::make_unique<MoeTransformer>(mc, grid_);
   model_->registry().init(t.seed());
   const auto& o = run_.optim();
-  optimizer_ = std::make_unique<AdamW>(
-      model_->registry(), AdamWOptions{.beta1 = o.beta1(), .beta2 = o.beta2(), .eps = o.eps(), .weight_decay = o.weight_decay()});
+  optimizer_ = std::make_unique<DistributedOptimizer>(
+      model_->registry(), grid_,
+      AdamWOptions{.beta1 = o.beta1(), .beta2 = o.beta2(), .eps = o.eps(), .weight_decay = o.weight_decay()},
+      run_.parallel().zero_stage());
   schedule_ = std::make_unique<LrSchedule>(LrScheduleOptions{.peak_lr = o.lr(),
                                                              .min_lr = o.min_lr(),
                                                              .warmup_steps = o.warmup_steps(),
                                                              .total_steps = t.steps(),
                                                              .kind = schedule_kind(o.schedule()),
                                                              .decay_fraction = o.decay_fraction()});
-  const fs::path log_dir = run_.logging().dir();
-  metrics_ = std::make_unique<MetricsLogger>(run_.logging().tensorboard() ? log_dir : fs::path(),
-                                             run_.logging().jsonl() ? log_dir / "metrics.jsonl" : fs::path());
+  if (grid_.world_rank() == 0) {  // one process owns the metrics files
+    const fs::path log_dir = run_.logging().dir();
+    metrics_ = std::make_unique<MetricsLogger>(run_.logging().tensorboard() ? log_dir : fs::path(),
+                                               run_.logging().jsonl() ? log_dir / "metrics.jsonl" : fs::path());
+  }
 
   tokens_ = Tensor::empty({t.micro_batch(), t.seq_len()}, DType::kI32);
   targets_ = Tensor::empty({t.micro_batch(), t.seq_len()}, DType::kI32);
@@ -90,28 +93,41 @@ Trainer::Trainer(const config::RunConfig& run) : run_(run) {
 StepMetrics Trainer::step() {
   const auto& t = run_.train();
   const auto start = std::chrono::steady_clock::now();
-  const int64_t micro_batches = t.global_batch() / t.micro_batch();
+  const int dp = grid_.dp().size();
+  const int64_t micro_batches = t.global_batch() / dp / t.micro_batch();  // per DP rank
   StepMetrics m;
   m.lr = schedule_->lr(step_);
 
   model_->registry().zero_grad();
-  const data::SampleRange range = data::dp_slice(step_, t.global_batch(), /*dp=*/1, /*rank=*/0);
+  const data::SampleRange range = data::dp_slice(step_, t.global_batch(), dp, grid_.dp().rank());
+  double sums[4] = {0.0, 0.0, 0.0, 0.0};  // loss, ce, aux, z summed over this rank's micro-batches
   for (int64_t mb = 0; mb < micro_batches; ++mb) {
     train_sampler_->fill_batch(range.first + static_cast<uint64_t>(mb * t.micro_batch()), t.micro_batch(), tokens_,
                                targets_);
     const LossReport r = model_->forward(tokens_, targets_);
     model_->backward(1.0f / static_cast<float>(micro_batches));
-    m.loss.loss += r.loss / static_cast<double>(micro_batches);
-    m.loss.ce += r.ce / static_cast<double>(micro_batches);
-    m.loss.aux += r.aux / static_cast<double>(micro_batches);
-    m.loss.z += r.z / static_cast<double>(micro_batches);
+    sums[0] += r.loss;
+    sums[1] += r.ce;
+    sums[2] += r.aux;
+    sums[3] += r.z;
     m.loss.targets += r.targets;
   }
-  m.grad_norm = clip_grad_norm(model_->registry(), run_.optim().grad_clip());
+  optimizer_->reduce_gradients();
+  m.grad_norm = optimizer_->clip_grad_norm(run_.optim().grad_clip());
   optimizer_->step(static_cast<float>(m.lr));
 
+  // The reported losses are means over every micro-batch of the global batch.
+  const Tensor totals = Tensor::from_floats({4}, std::vector<float>{static_cast<float>(sums[0]), static_cast<float>(sums[1]),
+                                                                    static_cast<float>(sums[2]), static_cast<float>(sums[3])});
+  if (dp > 1) grid_.dp().all_reduce(totals);
+  const double all_micro = static_cast<double>(micro_batches * dp);
+  m.loss.loss = totals.data<float>()[0] / all_micro;
+  m.loss.ce = totals.data<float>()[1] / all_micro;
+  m.loss.aux = totals.data<float>()[2] / all_micro;
+  m.loss.z = totals.data<float>()[3] / all_micro;
+
   ++step_;
-  next_sample_ = range.first + static_cast<uint64_t>(range.count);
+  next_sample_ = static_cast<uint64_t>(step_ * t.global_batch());
   m.step = step_;
   m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   m.tokens_per_s = static_cast<double>(t.global_batch() * t.seq_len()) / m.step_seconds;
@@ -121,12 +137,15 @@ StepMetrics Trainer::step() {
 double Trainer::evaluate() {
   if (!val_sampler_) return std::numeric_limits<double>::quiet_NaN();
   const auto& t = run_.train();
-  double sum = 0.0;
-  for (int64_t b = 0; b < t.eval_batches(); ++b) {
+  const int dp = grid_.dp().size();
+  float sum = 0.0f;  // this DP rank's share: micro-batches dp_rank, dp_rank + dp, ...
+  for (int64_t b = grid_.dp().rank(); b < t.eval_batches(); b += dp) {
     val_sampler_->fill_batch(static_cast<uint64_t>(b * t.micro_batch()), t.micro_batch(), tokens_, targets_);
-    sum += model_->forward(tokens_, targets_).ce;
+    sum += static_cast<float>(model_->forward(tokens_, targets_).ce);
   }
-  return sum / static_cast<double>(t.eval_batches());
+  const Tensor total = Tensor::from_floats({1}, std::vector<float>{sum});
+  if (dp > 1) grid_.dp().all_reduce(total);
+  return total.data<float>()[0] / static_cast<double>(t.eval_batches());
 }
 
 std::string Trainer::sample(const std::string& prompt) {
@@ -153,13 +172,18 @@ std::string Trainer::format_step_line(const StepMetrics& m, double elapsed_s) co
 
 void Trainer::run() {
   const auto& t = run_.train();
+  const bool root = grid_.world_rank() == 0;
   const ModelConfig& mc = model_->config();
+  if (root) {
   fmt::print("moeforge: {} parameters ({} layers, {} experts top-{}, dim {}), {} train tokens{}\n",
              model_->registry().global_numel(), mc.n_layers, mc.n_experts, mc.top_k, mc.dim, train_data_->size(),
              val_data_ ? fmt::format(", {} validation tokens", val_data_->size()) : std::string(", no validation split"));
-  fmt::print("moeforge: {} steps x {} sequences x {} tokens, {} micro-batches per step, logging to {}\n", t.steps(),
-             t.global_batch(), t.seq_len(), t.global_batch() / t.micro_batch(), run_.logging().dir());
+  fmt::print("moeforge: {} ranks (tp {} x dp {}{}), {} steps x {} sequences x {} tokens, {} micro-batches per rank and step, logging to {}\n",
+             grid_.world_size(), grid_.tp().size(), grid_.dp().size(), run_.parallel().zero_stage() ? ", ZeRO-1" : "",
+             t.steps(), t.global_batch(), t.seq_len(), t.global_batch() / grid_.dp().size() / t.micro_batch(),
+             run_.logging().dir());
   std::fflush(stdout);
+  }
 
   const auto start = std::chrono::steady_clock::now();
   double tokens_per_s_sum = 0.0;
@@ -175,7 +199,7 @@ void Trainer::run() {
     const bool last = m.step == t.steps();
     std::map<std::string, double> scalars;
     if (m.step % t.log_every() == 0 || last || m.step == 1) {
-      fmt::print("{}\n", format_step_line(m, elapsed));
+      if (root) fmt::print("{}\n", format_step_line(m, elapsed));
       scalars = {{"train/loss", m.loss.loss}, {"train/ce", m.loss.ce},      {"train/aux", m.loss.aux},
                  {"train/z", m.loss.z},       {"train/lr", m.lr},           {"train/grad_norm", m.grad_norm},
                  {"train/tokens_per_s", m.tokens_per_s}, {"train/elapsed_s", elapsed}};
@@ -183,20 +207,26 @@ void Trainer::run() {
     if ((t.eval_every() > 0 && m.step % t.eval_every() == 0) || last) {
       const double val = evaluate();
       if (std::isfinite(val)) {
-        fmt::print("step {} | validation loss {:.4f} nats/token ({:.3f} bits/byte)\n", m.step, val, val / std::log(2.0));
+        if (root) fmt::print("step {} | validation loss {:.4f} nats/token ({:.3f} bits/byte)\n", m.step, val, val / std::log(2.0));
         scalars["val/loss"] = val;
       }
-      if (t.sample_at_eval() && !last) fmt::print("sample: {}\n", sample(t.sample_prompt()));
+      if (t.sample_at_eval() && !last) {
+        const std::string text = sample(t.sample_prompt());
+        if (root) fmt::print("sample: {}\n", text);
+      }
     }
-    if (!scalars.empty()) metrics_->log(m.step, unix_time(), scalars);
+    if (metrics_ && !scalars.empty()) metrics_->log(m.step, unix_time(), scalars);
     std::fflush(stdout);
   }
-  if (rate_steps > 0) {
+  if (root && rate_steps > 0) {
     fmt::print("moeforge: trained {} steps, mean {} tok/s\n", step_, format_rate(tokens_per_s_sum / static_cast<double>(rate_steps)));
   }
   if (t.sample_tokens() > 0) {
-    fmt::print("sample (prompt \"{}\", temperature {}):\n{}{}\n", t.sample_prompt(), t.sample_temperature(),
-               t.sample_prompt(), sample(t.sample_prompt()));
+    const std::string text = sample(t.sample_prompt());
+    if (root) {
+      fmt::print("sample (prompt \"{}\", temperature {}):\n{}{}\n", t.sample_prompt(), t.sample_temperature(),
+                 t.sample_prompt(), text);
+    }
   }
   std::fflush(stdout);
 }

@@ -1,9 +1,12 @@
-// The training loop of `moeforge train` (single process for now).
+// The training loop of `moeforge train`, run by every rank of the job.
 //
-// One step: for each micro-batch of the global batch, fill tokens/targets from the sampler at
-// the step's global sample indices, forward, backward with loss scale 1/micro_batches (so the
-// gradient is that of the mean loss over the global batch); then the global grad norm, clipping,
-// the learning rate of this step and one AdamW update. Every log_every steps (and the last) rank
+// One step: this rank's DP slice of the step's global samples (data/sampler.h: the slices of
+// all DP ranks are the global batch, whatever dp is) is cut into micro-batches; each is filled
+// from the sampler, run forward, and backward with loss scale 1/micro_batches_per_rank. The
+// distributed optimizer then averages the gradients over DP (optim/distributed_optimizer.h), so
+// they are the gradient of the mean loss over the global batch; then the global grad norm,
+// clipping, the learning rate of this step and one AdamW update (ZeRO-1 when configured). TP
+// ranks of one DP rank process the same micro-batches (models/transformer.h). Every log_every steps (and the last) rank
 // 0 prints one line and appends the same metrics to metrics.jsonl and the TensorBoard events in
 // logging.dir; every eval_every steps (and at the end) it measures the validation loss on a fixed
 // set of validation samples; at the end it prints a sample continuation of train.sample_prompt.
@@ -20,7 +23,7 @@
 #include "data/token_shard.h"
 #include "launch/metrics.h"
 #include "models/transformer.h"
-#include "optim/adamw.h"
+#include "optim/distributed_optimizer.h"
 #include "optim/lr_schedule.h"
 
 namespace moeforge {
@@ -37,15 +40,15 @@ struct StepMetrics {
 class Trainer {
  public:
   // Opens the datasets, builds and initialises the model. Throws Error on bad data paths.
-  explicit Trainer(const config::RunConfig& run);
+  Trainer(const config::RunConfig& run, const ProcessGrid& grid);
 
   // Runs train.steps steps with evaluation, logging and the final sample.
   void run();
 
   // One optimizer step on the next global batch; advances the data position.
   StepMetrics step();
-  // Mean validation cross-entropy over train.eval_batches micro-batches of fixed samples; NaN
-  // when there is no validation split.
+  // Mean validation cross-entropy over train.eval_batches micro-batches of fixed samples (spread
+  // over the DP ranks); NaN when there is no validation split.
   double evaluate();
   // A continuation of `prompt` (decoded text, without the prompt).
   std::string sample(const std::string& prompt);
@@ -64,7 +67,8 @@ class Trainer {
   std::unique_ptr<data::Sampler> train_sampler_;
   std::unique_ptr<data::Sampler> val_sampler_;
   std::unique_ptr<MoeTransformer> model_;
-  std::unique_ptr<AdamW> optimizer_;
+  ProcessGrid grid_;
+  std::unique_ptr<DistributedOptimizer> optimizer_;
   std::unique_ptr<LrSchedule> schedule_;
   std::unique_ptr<MetricsLogger> metrics_;
   int64_t step_ = 0;

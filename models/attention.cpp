@@ -4,6 +4,8 @@
 
 #include <fmt/format.h>
 
+#include "parallel/sequence_parallel.h"
+
 namespace moeforge {
 
 namespace {
@@ -12,7 +14,11 @@ namespace {
 float output_std(const ModelConfig& cfg) { return cfg.init_std / std::sqrt(2.0f * static_cast<float>(cfg.n_layers)); }
 }  // namespace
 
-AttentionBlock::AttentionBlock(const ModelConfig& cfg, ParamRegistry& reg, int layer) : cfg_(cfg) {
+AttentionBlock::AttentionBlock(const ModelConfig& cfg, ParamRegistry& reg, Comm& tp, int layer)
+    : cfg_(cfg), tp_(tp), heads_(cfg.n_heads / tp.size()), kv_heads_(cfg.n_kv_heads / tp.size()) {
+  MOE_CHECK(cfg.n_heads % tp.size() == 0 && cfg.n_kv_heads % tp.size() == 0,
+            "model.n_heads ({}) and model.n_kv_heads ({}) must be divisible by parallel.tp ({})", cfg.n_heads,
+            cfg.n_kv_heads, tp.size());
   const std::string p = fmt::format("layers.{}.", layer);
   const int64_t C = cfg.dim, HD = cfg.n_heads * cfg.head_dim, KD = cfg.n_kv_heads * cfg.head_dim;
   norm_ = &reg.add({.name = p + "attn_norm.weight", .global_shape = {C}, .init = ParamInit::kOnes, .weight_decay = false});
@@ -26,13 +32,14 @@ AttentionBlock::AttentionBlock(const ModelConfig& cfg, ParamRegistry& reg, int l
                   .init_std = output_std(cfg)});
 }
 
-void AttentionBlock::forward(const Tensor& h_in, const Tensor& h_out, AttentionActs& a) const {
-  const int64_t B = h_in.dim(0), T = h_in.dim(1), C = cfg_.dim, N = B * T;
-  const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, D = cfg_.head_dim;
+void AttentionBlock::forward(int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out, AttentionActs& a) const {
+  const int64_t C = cfg_.dim, N = B * T, Nl = h_in.dim(0), D = cfg_.head_dim;
+  const int64_t H = heads_, Hkv = kv_heads_;
   a.h_in = h_in;
-  a.xn = Tensor::empty({N, C}, DType::kF32);
-  a.rstd = Tensor::empty({N}, DType::kF32);
-  ops::rmsnorm_fwd(h_in.reshape({N, C}), norm_->value, cfg_.norm_eps, a.xn, a.rstd);
+  const Tensor xn_local = Tensor::empty({Nl, C}, DType::kF32);
+  a.rstd = Tensor::empty({Nl}, DType::kF32);
+  ops::rmsnorm_fwd(h_in, norm_->value, cfg_.norm_eps, xn_local, a.rstd);
+  a.xn = gather_rows(tp_, xn_local);
 
   a.q = Tensor::empty({B, T, H, D}, DType::kF32);
   a.k = Tensor::empty({B, T, Hkv, D}, DType::kF32);
@@ -47,15 +54,17 @@ void AttentionBlock::forward(const Tensor& h_in, const Tensor& h_out, AttentionA
   a.lse = Tensor::empty({B, H, T}, DType::kF32);
   ops::attention_fwd(a.q, a.k, a.v, 1.0f / std::sqrt(static_cast<float>(D)), a.out, a.lse);
 
-  const Tensor y = h_out.reshape({N, C});
-  ops::gemm(a.out.reshape({N, H * D}), false, wo_->value, true, y);
-  ops::add_(y, h_in.reshape({N, C}));
+  // Row-parallel output projection: partial sums over this rank's heads, summed by the scatter.
+  const Tensor y_partial = tp_.size() == 1 ? h_out : Tensor::empty({N, C}, DType::kF32);
+  ops::gemm(a.out.reshape({N, H * D}), false, wo_->value, true, y_partial);
+  if (tp_.size() > 1) ops::copy(scatter_rows(tp_, y_partial), h_out);
+  ops::add_(h_out, h_in);
 }
 
 void AttentionBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const AttentionActs& a) const {
-  const int64_t B = a.q.dim(0), T = a.q.dim(1), C = cfg_.dim, N = B * T;
-  const int64_t H = cfg_.n_heads, Hkv = cfg_.n_kv_heads, D = cfg_.head_dim;
-  const Tensor dy = dh_out.reshape({N, C});
+  const int64_t B = a.q.dim(0), T = a.q.dim(1), C = cfg_.dim, N = B * T, D = cfg_.head_dim;
+  const int64_t H = heads_, Hkv = kv_heads_;
+  const Tensor dy = gather_rows(tp_, dh_out);  // (N, C)
 
   // y = out · woᵀ
   const Tensor dout = Tensor::empty({B, T, H, D}, DType::kF32);
@@ -69,7 +78,7 @@ void AttentionBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const A
   ops::rope_bwd(dq, cfg_.rope_theta, dq);
   ops::rope_bwd(dk, cfg_.rope_theta, dk);
 
-  // q = xn · wqᵀ (and k, v): dxn = dq·wq + dk·wk + dv·wv; dw = dᵀ · xn
+  // q = xn · wqᵀ (and k, v): dxn = dq·wq + dk·wk + dv·wv, partial over this rank's heads.
   const Tensor dxn = Tensor::empty({N, C}, DType::kF32);
   ops::gemm(dq.reshape({N, H * D}), false, wq_->value, false, dxn);
   ops::gemm(dk.reshape({N, Hkv * D}), false, wk_->value, false, dxn, /*accumulate=*/true);
@@ -78,9 +87,8 @@ void AttentionBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const A
   ops::gemm(dk.reshape({N, Hkv * D}), true, a.xn, false, wk_->grad, true);
   ops::gemm(dv.reshape({N, Hkv * D}), true, a.xn, false, wv_->grad, true);
 
-  const Tensor dx = dh_in.reshape({N, C});
-  ops::rmsnorm_bwd(a.h_in.reshape({N, C}), norm_->value, a.rstd, dxn, dx, norm_->grad);
-  ops::add_(dx, dy);
+  ops::rmsnorm_bwd(a.h_in, norm_->value, a.rstd, scatter_rows(tp_, dxn), dh_in, norm_->grad);
+  ops::add_(dh_in, dh_out);
 }
 
 }  // namespace moeforge

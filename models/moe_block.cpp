@@ -6,7 +6,7 @@
 
 namespace moeforge {
 
-MoeBlock::MoeBlock(const ModelConfig& cfg, ParamRegistry& reg, int layer) : cfg_(cfg) {
+MoeBlock::MoeBlock(const ModelConfig& cfg, ParamRegistry& reg, Comm& tp, int layer) : cfg_(cfg), tp_(tp) {
   const std::string p = fmt::format("layers.{}.", layer);
   const int64_t C = cfg.dim, E = cfg.n_experts, F = cfg.expert_hidden;
   const float out_std = cfg.init_std / std::sqrt(2.0f * static_cast<float>(cfg.n_layers));
@@ -20,12 +20,10 @@ MoeBlock::MoeBlock(const ModelConfig& cfg, ParamRegistry& reg, int layer) : cfg_
                   .shard_group = ShardGroup::kEP, .expert = true, .init_std = out_std});
   if (cfg.n_shared_experts > 0) {
     const int64_t SF = cfg.n_shared_experts * F;
-    s_w1_ = &reg.add({.name = p + "moe.shared.w1", .global_shape = {SF, C}, .shard_dim = 0,
-                      .shard_group = ShardGroup::kTP, .init_std = cfg.init_std});
-    s_w3_ = &reg.add({.name = p + "moe.shared.w3", .global_shape = {SF, C}, .shard_dim = 0,
-                      .shard_group = ShardGroup::kTP, .init_std = cfg.init_std});
-    s_w2_ = &reg.add({.name = p + "moe.shared.w2", .global_shape = {C, SF}, .shard_dim = 1,
-                      .shard_group = ShardGroup::kTP, .init_std = out_std});
+    // Whole on every rank, like the routed experts: they run on this rank's token rows.
+    s_w1_ = &reg.add({.name = p + "moe.shared.w1", .global_shape = {SF, C}, .init_std = cfg.init_std});
+    s_w3_ = &reg.add({.name = p + "moe.shared.w3", .global_shape = {SF, C}, .init_std = cfg.init_std});
+    s_w2_ = &reg.add({.name = p + "moe.shared.w2", .global_shape = {C, SF}, .init_std = out_std});
   }
 }
 
@@ -34,12 +32,12 @@ double scalar(const Tensor& t) { return static_cast<double>(t.to_floats().at(0))
 }  // namespace
 
 void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) const {
-  const int64_t B = h_in.dim(0), T = h_in.dim(1), C = cfg_.dim, N = B * T;
+  const int64_t N = h_in.dim(0), C = cfg_.dim;
   const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden, M = N * K;
   a.h_in = h_in;
   a.xn = Tensor::empty({N, C}, DType::kF32);
   a.rstd = Tensor::empty({N}, DType::kF32);
-  ops::rmsnorm_fwd(h_in.reshape({N, C}), norm_->value, cfg_.norm_eps, a.xn, a.rstd);
+  ops::rmsnorm_fwd(h_in, norm_->value, cfg_.norm_eps, a.xn, a.rstd);
 
   // Routing.
   a.logits = Tensor::empty({N, E}, DType::kF32);
@@ -54,11 +52,13 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   a.counts = Tensor::empty({E}, DType::kI64);
   for (int64_t e = 0; e < E; ++e)
     a.counts.data<int64_t>()[e] = a.offsets.data<int64_t>()[e + 1] - a.offsets.data<int64_t>()[e];
+  tp_.all_reduce(a.counts);
+  a.tokens = N * tp_.size();
 
   const Tensor loss = Tensor::empty({1}, DType::kF32);
-  ops::moe_aux_loss_fwd(a.probs, a.counts, static_cast<int>(K), loss);
+  ops::moe_aux_loss_fwd(a.probs, a.counts, static_cast<int>(K), a.tokens, loss);
   a.aux = scalar(loss);
-  ops::router_z_loss_fwd(a.logits, loss);
+  ops::router_z_loss_fwd(a.logits, a.tokens, loss);
   a.z = scalar(loss);
 
   // Routed experts.
@@ -73,7 +73,7 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   ops::swiglu_fwd(a.gate, a.up, a.act);
   ops::grouped_gemm_fwd(a.act, w2_->value, a.offsets, a.y);
 
-  const Tensor out = h_out.reshape({N, C});
+  const Tensor& out = h_out;
   ops::moe_unpermute_fwd(a.y, a.positions, a.weights, out);
 
   if (s_w1_) {
@@ -86,13 +86,13 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
     ops::swiglu_fwd(a.s_gate, a.s_up, a.s_act);
     ops::gemm(a.s_act, false, s_w2_->value, true, out, /*accumulate=*/true);
   }
-  ops::add_(out, h_in.reshape({N, C}));
+  ops::add_(out, h_in);
 }
 
 void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs& a, float loss_scale) const {
   const int64_t N = a.xn.dim(0), C = cfg_.dim;
   const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden, M = N * K;
-  const Tensor dy_out = dh_out.reshape({N, C});
+  const Tensor& dy_out = dh_out;
   const Tensor dxn = Tensor::empty({N, C}, DType::kF32);
 
   // Combine: out = sum_k w[n,k] y[pos(n,k)].
@@ -117,11 +117,11 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
   Tensor dprobs;  // undefined when the aux loss is off: router_bwd then skips that path
   if (cfg_.aux_loss_coef > 0.0f) {
     dprobs = Tensor::empty({N, E}, DType::kF32);
-    ops::moe_aux_loss_bwd(a.probs, a.counts, static_cast<int>(K), loss_scale * cfg_.aux_loss_coef, dprobs);
+    ops::moe_aux_loss_bwd(a.probs, a.counts, static_cast<int>(K), a.tokens, loss_scale * cfg_.aux_loss_coef, dprobs);
   }
   const Tensor dlogits = Tensor::empty({N, E}, DType::kF32);
   ops::router_bwd(a.logits, cfg_.gating, a.experts, dweights, dprobs, dlogits);
-  if (cfg_.z_loss_coef > 0.0f) ops::router_z_loss_bwd(a.logits, loss_scale * cfg_.z_loss_coef, dlogits);
+  if (cfg_.z_loss_coef > 0.0f) ops::router_z_loss_bwd(a.logits, a.tokens, loss_scale * cfg_.z_loss_coef, dlogits);
   ops::gemm(dlogits, false, router_->value, false, dxn, /*accumulate=*/true);
   ops::gemm(dlogits, true, a.xn, false, router_->grad, /*accumulate=*/true);
 
@@ -139,9 +139,8 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
     ops::gemm(ds_up, true, a.xn, false, s_w3_->grad, true);
   }
 
-  const Tensor dx = dh_in.reshape({N, C});
-  ops::rmsnorm_bwd(a.h_in.reshape({N, C}), norm_->value, a.rstd, dxn, dx, norm_->grad);
-  ops::add_(dx, dy_out);
+  ops::rmsnorm_bwd(a.h_in, norm_->value, a.rstd, dxn, dh_in, norm_->grad);
+  ops::add_(dh_in, dy_out);
 }
 
 }  // namespace moeforge

@@ -8,17 +8,23 @@
 // Loss terms: the layer's load-balancing loss and router z-loss are computed in forward and
 // reported (MoeActs::aux, ::z); backward adds their gradients scaled by the config coefficients.
 //
+// Sequence parallelism: the block sees only this rank's Nl = N / tp token rows. Expert and router
+// weights are whole on every TP rank (expert TP = 1), so tokens never leave the rank here; the
+// load-balancing statistics are made global by summing the per-expert counts over the TP group,
+// and the losses computed from local rows are partial sums the model adds up over TP.
+//
 // Gradient rule: parameter gradients accumulate (+=), activation gradients are written (=).
 #pragma once
 
 #include "models/model_config.h"
 #include "models/param_registry.h"
+#include "parallel/comm.h"
 
 namespace moeforge {
 
-// What forward saves for backward. N = B*T tokens, M = N*K token copies.
+// What forward saves for backward. N = Nl local token rows here, M = N*K token copies.
 struct MoeActs {
-  Tensor h_in;       // (B, T, C)
+  Tensor h_in;       // (N, C)
   Tensor xn;         // (N, C)
   Tensor rstd;       // (N)
   Tensor logits;     // (N, E) router logits
@@ -27,7 +33,8 @@ struct MoeActs {
   Tensor probs;      // (N, E) distribution used by the aux loss
   Tensor positions;  // (N, K) i32 row of each copy in the expert-grouped buffer
   Tensor offsets;    // (E+1) i64
-  Tensor counts;     // (E) i64 copies per expert
+  Tensor counts;     // (E) i64 copies per expert over the whole micro-batch (summed over TP)
+  int64_t tokens = 0;  // tokens of the whole micro-batch (N * tp)
   Tensor xp;         // (M, C) permuted input
   Tensor gate;       // (M, F) xp · w1ᵀ
   Tensor up;         // (M, F) xp · w3ᵀ
@@ -36,22 +43,23 @@ struct MoeActs {
   Tensor s_gate;     // (N, S*F) shared experts, when S > 0
   Tensor s_up;       // (N, S*F)
   Tensor s_act;      // (N, S*F)
-  double aux = 0.0;  // this layer's load-balancing loss
-  double z = 0.0;    // this layer's router z-loss
+  double aux = 0.0;  // this rank's part of the layer's load-balancing loss (sum over TP = the loss)
+  double z = 0.0;    // this rank's part of the layer's router z-loss
 };
 
 class MoeBlock {
  public:
-  MoeBlock(const ModelConfig& cfg, ParamRegistry& registry, int layer);
+  MoeBlock(const ModelConfig& cfg, ParamRegistry& registry, Comm& tp, int layer);
 
-  // h_in, h_out: (B, T, C).
+  // h_in, h_out: (Nl, C), this rank's token rows.
   void forward(const Tensor& h_in, const Tensor& h_out, MoeActs& acts) const;
-  // dh_out (B, T, C) -> dh_in (B, T, C) written; parameter gradients accumulated, including those
+  // dh_out (Nl, C) -> dh_in (Nl, C) written; parameter gradients accumulated, including those
   // of loss_scale * (cfg.aux_loss_coef * aux + cfg.z_loss_coef * z).
   void backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs& acts, float loss_scale) const;
 
  private:
   const ModelConfig& cfg_;
+  Comm& tp_;
   Param* norm_;      // (C)
   Param* router_;    // (E, C)
   Param* w1_;        // (E, F, C)

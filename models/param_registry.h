@@ -35,6 +35,10 @@ struct ParamSpec {
   ParamInit init = ParamInit::kNormal;
   float init_std = 0.0f;      // for kNormal
   bool weight_decay = true;   // false for norm weights
+  // Trailing rows of dim 0 that only pad the tensor to a split-friendly size (the vocabulary
+  // rounded up to a multiple of tp). They are never read by the model; checkpoints, exports and
+  // layout comparisons skip them.
+  int64_t padded_rows = 0;
 };
 
 // This rank's coordinates in the groups parameters are split over.

@@ -34,7 +34,8 @@ void adamw_update(float* p, const float* g, float* m, float* v, int64_t n, const
 
 }  // namespace
 
-AdamW::AdamW(ParamRegistry& registry, AdamWOptions options) : registry_(&registry), options_(options) {
+AdamW::AdamW(ParamRegistry& registry, AdamWOptions options, const std::function<ElementRange(const Param&)>& owned)
+    : registry_(&registry), options_(options) {
   const auto in_unit = [](float b) { return b >= 0.0f && b < 1.0f; };
   MOE_CHECK(in_unit(options.beta1), "optim.beta1 ({}) must be in [0, 1)", options.beta1);
   MOE_CHECK(in_unit(options.beta2), "optim.beta2 ({}) must be in [0, 1)", options.beta2);
@@ -45,8 +46,13 @@ AdamW::AdamW(ParamRegistry& registry, AdamWOptions options) : registry_(&registr
   state_.reserve(registry.params().size());
   for (const Param& p : registry.params()) {
     index_.emplace(p.spec.name, state_.size());
-    state_.push_back({Tensor::zeros(p.value.shape(), DType::kF32, p.value.device()),
-                      Tensor::zeros(p.value.shape(), DType::kF32, p.value.device())});
+    const ElementRange r = owned ? owned(p) : ElementRange{0, p.value.numel()};
+    MOE_CHECK(0 <= r.begin && r.begin <= r.end && r.end <= p.value.numel(),
+              "AdamW: owned range [{}, {}) of {} is outside its {} elements", r.begin, r.end, p.spec.name,
+              p.value.numel());
+    const Shape shape = r.size() == p.value.numel() ? p.value.shape() : Shape{r.size()};
+    state_.push_back({r, Tensor::zeros(shape, DType::kF32, p.value.device()),
+                      Tensor::zeros(shape, DType::kF32, p.value.device())});
   }
 }
 
@@ -79,14 +85,15 @@ void AdamW::step(float lr) {
               p.value.device().str());
     MOE_CHECK(p.grad.shape() == p.value.shape(), "AdamW::step: parameter {} has shape {} but its gradient {}",
               p.spec.name, p.value.shape().str(), p.grad.shape().str());
+    const Shape state_shape = s.range.size() == p.value.numel() ? p.value.shape() : Shape{s.range.size()};
     for (const Tensor* st : {&s.exp_avg, &s.exp_avg_sq}) {
-      MOE_CHECK(st->defined() && st->dtype() == DType::kF32 && st->shape() == p.value.shape() &&
-                    st->device().is_cpu(),
+      MOE_CHECK(st->defined() && st->dtype() == DType::kF32 && st->shape() == state_shape && st->device().is_cpu(),
                 "AdamW::step: optimizer state of {} is {}, expected f32{} cpu", p.spec.name,
-                st->defined() ? st->str() : "undefined", p.value.shape().str());
+                st->defined() ? st->str() : "undefined", state_shape.str());
     }
-    adamw_update(p.value.data<float>(), p.grad.data<float>(), s.exp_avg.data<float>(), s.exp_avg_sq.data<float>(),
-                 p.value.numel(), c, p.spec.weight_decay);
+    const int64_t b = s.range.begin;
+    adamw_update(p.value.data<float>() + b, p.grad.data<float>() + b, s.exp_avg.data<float>(),
+                 s.exp_avg_sq.data<float>(), s.range.size(), c, p.spec.weight_decay);
   }
   steps_ += 1;
 }

@@ -14,11 +14,17 @@
 // the parameter's local shape, reachable by its canonical name, so checkpoints store and reshard
 // them like the parameters themselves. On CPU the registry's values are the fp32 master weights.
 //
+// Sharded state (ZeRO-1): an optional `owned` function gives, per parameter, the range of its
+// flattened local elements this rank updates ([0, numel) by default; an empty range is allowed).
+// State then covers only that range: for a whole parameter it has the parameter's shape, for a
+// part it is 1-D of the range's length, at owned_range(name).begin of the flattened parameter.
+//
 // The registry must not gain parameters after the optimizer is built. step() reads the gradients
 // as they are (already accumulated, averaged and clipped by the caller) and does not zero them.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -31,11 +37,18 @@ struct AdamWOptions {
   float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
 };
 
+// Elements [begin, end) of a parameter's flattened local tensor.
+struct ElementRange {
+  int64_t begin = 0, end = 0;
+  int64_t size() const { return end - begin; }
+};
+
 class AdamW {
  public:
   // Validates the options (an Error names the config field, e.g. "optim.beta2 (1) must be in
   // [0, 1)") and allocates zeroed state for every registered parameter.
-  AdamW(ParamRegistry& registry, AdamWOptions options);
+  AdamW(ParamRegistry& registry, AdamWOptions options,
+        const std::function<ElementRange(const Param&)>& owned = nullptr);
 
   // One update of every parameter with learning rate lr (finite, >= 0).
   void step(float lr);
@@ -49,11 +62,13 @@ class AdamW {
   // For resume: the checkpoint loader writes into (or replaces) these; step() checks the shapes.
   Tensor& exp_avg(const std::string& name) { return state(name).exp_avg; }
   Tensor& exp_avg_sq(const std::string& name) { return state(name).exp_avg_sq; }
+  ElementRange owned_range(const std::string& name) const { return state(name).range; }
 
  private:
   struct State {
-    Tensor exp_avg;     // m, same shape as the parameter
-    Tensor exp_avg_sq;  // v, same shape as the parameter
+    ElementRange range;  // owned elements of the flattened parameter
+    Tensor exp_avg;      // m: the parameter's shape when whole, else (range.size())
+    Tensor exp_avg_sq;   // v: likewise
   };
   const State& state(const std::string& name) const;
   State& state(const std::string& name);

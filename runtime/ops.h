@@ -42,10 +42,16 @@ void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, c
                       const Tensor& dw);
 
 // ---- embedding -----------------------------------------------------------------------------------
-// ids (N) i32 in [0, V), table (V, C), out (N, C) = table[ids].
-void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out);
-// dtable (V, C) += scatter of dout (N, C) by ids.
-void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable);
+// Vocab-parallel lookup. table (Vl, C) holds rows [vocab_start, vocab_start + Vl) of the (padded)
+// vocabulary: the whole table by default, or one tensor-parallel rank's shard. vocab_size is the
+// real vocabulary; -1 means the table is the whole vocabulary (vocab_start must then be 0).
+// ids (N) i32, each in [0, vocab_size); out (N, C) = table[id - vocab_start] for ids in this
+// shard, 0 for the others, so the sum of the shards' outputs (the TP all-reduce) is the lookup.
+void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out, int64_t vocab_start = 0,
+                   int64_t vocab_size = -1);
+// dtable (Vl, C) += scatter of dout (N, C) by ids; ids outside this shard contribute nothing.
+void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable, int64_t vocab_start = 0,
+                   int64_t vocab_size = -1);
 
 // ---- RMSNorm -------------------------------------------------------------------------------------
 // x (N, C), w (C): out = x * rstd * w with rstd (N) = 1 / sqrt(mean(x^2) + eps). Leading dims of
@@ -97,17 +103,25 @@ void router_fwd(const Tensor& logits, Gating gating, int k, const Tensor& bias, 
 void router_bwd(const Tensor& logits, Gating gating, const Tensor& experts, const Tensor& dweights,
                 const Tensor& dprobs, const Tensor& dlogits);
 
-// Load-balancing loss (Switch / GShard form, normalised so a perfectly balanced router scores 1):
-// loss (1) = E / (N * K) * sum_e count_e * mean_n probs[n, e], counts (E) i64 = token copies per
-// expert. Counts are not differentiable; the gradient flows through probs.
-void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, const Tensor& loss);
-// dprobs (N, E) written: scale * d loss / d probs.
-void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, float scale, const Tensor& dprobs);
+// Load-balancing loss (Switch / GShard form, normalised so a perfectly balanced router scores 1)
+// over num_tokens tokens, of which probs (N, E) holds N rows; counts (E) i64 = token copies per
+// expert over all num_tokens tokens. This op's part of the loss (1) is
+//   E / (num_tokens * K) * sum_e counts_e * (1 / num_tokens) * sum_{n in these rows} probs[n, e],
+// so with rows split over ranks (sequence parallel) and the global counts and token count, the
+// ranks' parts sum to the loss; with num_tokens = N and local counts it is the whole loss. Counts
+// are not differentiable; the gradient flows through probs. num_tokens >= N.
+void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, const Tensor& loss);
+// dprobs (N, E) written: scale * d loss / d probs = scale * E / (num_tokens * K) * counts_e / num_tokens.
+void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, float scale,
+                      const Tensor& dprobs);
 
-// Router z-loss (ST-MoE): loss (1) = mean_n logsumexp(logits[n])^2.
-void router_z_loss_fwd(const Tensor& logits, const Tensor& loss);
-// dlogits (N, E) += scale * d loss / d logits (accumulates: it adds to the router_bwd gradient).
-void router_z_loss_bwd(const Tensor& logits, float scale, const Tensor& dlogits);
+// Router z-loss (ST-MoE) over num_tokens tokens, of which logits (N, E) holds N rows: this op's part
+// of the loss (1) is sum_{n in these rows} logsumexp(logits[n])^2 / num_tokens (summed over ranks by
+// the caller, as for the aux loss). num_tokens >= N.
+void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& loss);
+// dlogits (N, E) += scale * d loss / d logits = scale * 2 lse_n softmax(logits[n]) / num_tokens
+// (accumulates: it adds to the router_bwd gradient).
+void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits);
 
 // Token copies grouped by expert. experts (N, K) i32 -> positions (N, K) i32, the row of copy
 // (n, k) in the expert-grouped buffer, and offsets (E+1) i64, the first row of each expert. The
@@ -127,9 +141,32 @@ void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& w
 // Fused softmax cross-entropy. logits (N, V), targets (N) i32 (negative = ignored). losses (N)
 // per-row loss (0 where ignored), lse (N) per-row log-sum-exp.
 void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& losses, const Tensor& lse);
-// dlogits (N, V) = scale * (softmax(logits) - onehot(target)), zero rows where ignored. dlogits
-// may alias logits (the backward then overwrites them in place).
+
+// Vocab-parallel cross-entropy, forward in two steps (Megatron's): each shard reduces its logits to
+// three numbers per row, the partials of all shards are gathered, and any rank combines them.
+//
+// Per-row statistics of this shard's logits (N, Vl), which hold the global vocabulary columns
+// [vocab_start, vocab_start + Vl), of which only the first valid_cols (in [0, Vl]) are real: the
+// rest is padding and ignored. partial (N, 3) f32 = [row max over the valid columns (-inf if there
+// are none), sum over the valid columns of exp(logit - row max), the target's logit if the target
+// is in this shard's valid range else 0]. Rows with a negative (ignored) target still get the max
+// and sum. Targets are not range-checked here (cross_entropy_combine does).
+void cross_entropy_partial_fwd(const Tensor& logits, const Tensor& targets, int64_t vocab_start, int64_t valid_cols,
+                               const Tensor& partial);
+// Combines the partials (R, N, 3) of all R shards, in rank order, into losses (N) (0 where the
+// target is ignored) and lse (N): lse = M + log(sum_r s_r exp(m_r - M)) with M = max_r m_r, and
+// loss = lse - sum_r target_logit_r. Targets must be < vocab_size, the real vocabulary.
+void cross_entropy_combine(const Tensor& partials, const Tensor& targets, int64_t vocab_size, const Tensor& losses,
+                           const Tensor& lse);
+
+// dlogits (N, Vl) = scale * (softmax(logits) - onehot(target)) from the full rows' lse (N), zero
+// rows where ignored. For a shard (vocab_start, valid_cols as in cross_entropy_partial_fwd), column
+// v < valid_cols gets scale * (exp(logit - lse) - [target == vocab_start + v]) and the padding
+// columns get 0. valid_cols = -1 means the logits are the whole vocabulary (vocab_start must then
+// be 0) and the targets are checked to be < Vl; a shard cannot tell another shard's target from a
+// bad one, so its targets are left to cross_entropy_combine. dlogits may alias logits (the
+// backward then overwrites them in place).
 void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
-                       const Tensor& dlogits);
+                       const Tensor& dlogits, int64_t vocab_start = 0, int64_t valid_cols = -1);
 
 }  // namespace moeforge::ops

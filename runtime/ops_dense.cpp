@@ -1,6 +1,6 @@
 // Validation and dispatch of the dense per-token ops: embedding, RMSNorm, RoPE, SwiGLU and the
-// fused cross-entropy. Index values (ids, targets) are range-checked by the kernels, which are
-// the only code that reads them.
+// cross-entropy (fused, and vocab-parallel). Index values (ids, targets) are range-checked by the
+// kernels, which are the only code that reads them.
 #include <cmath>
 
 #include "runtime/cpu/dense.h"
@@ -52,9 +52,32 @@ void check_logits_targets(const char* op, const Tensor& logits, const Tensor& ta
   check_shape(op, {"targets", targets}, {logits.dim(0)}, {"logits", logits});
 }
 
+// The vocabulary slice a table holds: vocab_start >= 0, and vocab_size >= 1, or -1 when the table
+// is the whole vocabulary (which then starts at 0). Returns the vocabulary size the ids are
+// checked against.
+int64_t check_vocab_slice(const char* op, const Tensor& table, int64_t vocab_start, int64_t vocab_size) {
+  MOE_CHECK(vocab_start >= 0, "{}: vocab_start={} must be >= 0", op, vocab_start);
+  if (vocab_size == -1) {
+    MOE_CHECK(vocab_start == 0, "{}: vocab_size=-1 (the table is the whole vocabulary) needs vocab_start=0, got {}",
+              op, vocab_start);
+    return table.dim(0);
+  }
+  MOE_CHECK(vocab_size >= 1, "{}: vocab_size={} must be >= 1, or -1 for the whole table", op, vocab_size);
+  return vocab_size;
+}
+
+// The vocabulary columns a logits shard (N, Vl) holds: vocab_start >= 0, valid_cols in [0, Vl].
+void check_logits_shard(const char* op, const Tensor& logits, int64_t vocab_start, int64_t valid_cols) {
+  MOE_CHECK(vocab_start >= 0, "{}: vocab_start={} must be >= 0", op, vocab_start);
+  MOE_CHECK(valid_cols >= 0 && valid_cols <= logits.dim(1),
+            "{}: valid_cols={} must be in [0, {}], the columns of logits of shape {}", op, valid_cols, logits.dim(1),
+            logits.shape().str());
+}
+
 }  // namespace
 
-void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out) {
+void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out, int64_t vocab_start,
+                   int64_t vocab_size) {
   const char* op = "embedding_fwd";
   const Device dev = check_same_device(op, {{"ids", ids}, {"table", table}, {"out", out}});
   check_dtype(op, {"ids", ids}, DType::kI32);
@@ -63,10 +86,12 @@ void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out) {
   check_ndim(op, {"ids", ids}, 1);
   check_ndim(op, {"table", table}, 2);
   check_rows(op, {"out", out}, {"ids", ids}, {"table", table});
-  MOE_DISPATCH(embedding_fwd, dev, ids, table, out);
+  const int64_t vocab = check_vocab_slice(op, table, vocab_start, vocab_size);
+  MOE_DISPATCH(embedding_fwd, dev, ids, table, out, vocab_start, vocab);
 }
 
-void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable) {
+void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable, int64_t vocab_start,
+                   int64_t vocab_size) {
   const char* op = "embedding_bwd";
   const Device dev = check_same_device(op, {{"ids", ids}, {"dout", dout}, {"dtable", dtable}});
   check_dtype(op, {"ids", ids}, DType::kI32);
@@ -75,7 +100,8 @@ void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable) 
   check_ndim(op, {"ids", ids}, 1);
   check_ndim(op, {"dtable", dtable}, 2);
   check_rows(op, {"dout", dout}, {"ids", ids}, {"dtable", dtable});
-  MOE_DISPATCH(embedding_bwd, dev, ids, dout, dtable);
+  const int64_t vocab = check_vocab_slice(op, dtable, vocab_start, vocab_size);
+  MOE_DISPATCH(embedding_bwd, dev, ids, dout, dtable, vocab_start, vocab);
 }
 
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& out, const Tensor& rstd) {
@@ -172,17 +198,56 @@ void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor
   MOE_DISPATCH(cross_entropy_fwd, dev, logits, targets, losses, lse);
 }
 
+void cross_entropy_partial_fwd(const Tensor& logits, const Tensor& targets, int64_t vocab_start, int64_t valid_cols,
+                               const Tensor& partial) {
+  const char* op = "cross_entropy_partial_fwd";
+  const Device dev = check_same_device(op, {{"logits", logits}, {"targets", targets}, {"partial", partial}});
+  check_logits_targets(op, logits, targets);
+  check_logits_shard(op, logits, vocab_start, valid_cols);
+  check_dtype(op, {"partial", partial}, DType::kF32);
+  check_shape(op, {"partial", partial}, {logits.dim(0), 3}, {"logits", logits});
+  MOE_DISPATCH(cross_entropy_partial_fwd, dev, logits, targets, vocab_start, valid_cols, partial);
+}
+
+void cross_entropy_combine(const Tensor& partials, const Tensor& targets, int64_t vocab_size, const Tensor& losses,
+                           const Tensor& lse) {
+  const char* op = "cross_entropy_combine";
+  const Device dev = check_same_device(
+      op, {{"partials", partials}, {"targets", targets}, {"losses", losses}, {"lse", lse}});
+  check_dtype(op, {"partials", partials}, DType::kF32);
+  check_dtype(op, {"targets", targets}, DType::kI32);
+  check_dtype(op, {"losses", losses}, DType::kF32);
+  check_dtype(op, {"lse", lse}, DType::kF32);
+  check_ndim(op, {"targets", targets}, 1);
+  check_ndim(op, {"partials", partials}, 3);
+  const int64_t n = targets.dim(0);
+  MOE_CHECK(partials.dim(0) >= 1, "{}: partials has shape {}; expected the partials of at least one shard", op,
+            partials.shape().str());
+  check_shape(op, {"partials", partials}, {partials.dim(0), n, 3}, {"targets", targets});
+  check_shape(op, {"losses", losses}, {n}, {"targets", targets});
+  check_shape(op, {"lse", lse}, {n}, {"targets", targets});
+  MOE_CHECK(vocab_size >= 1, "{}: vocab_size={} must be >= 1", op, vocab_size);
+  MOE_DISPATCH(cross_entropy_combine, dev, partials, targets, vocab_size, losses, lse);
+}
+
 void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
-                       const Tensor& dlogits) {
+                       const Tensor& dlogits, int64_t vocab_start, int64_t valid_cols) {
   const char* op = "cross_entropy_bwd";
   const Device dev = check_same_device(
       op, {{"logits", logits}, {"targets", targets}, {"lse", lse}, {"dlogits", dlogits}});
   check_logits_targets(op, logits, targets);
+  if (valid_cols == -1) {
+    MOE_CHECK(vocab_start == 0,
+              "{}: valid_cols=-1 (the logits are the whole vocabulary) needs vocab_start=0, got {}", op,
+              vocab_start);
+  } else {
+    check_logits_shard(op, logits, vocab_start, valid_cols);
+  }
   check_dtype(op, {"lse", lse}, DType::kF32);
   check_dtype(op, {"dlogits", dlogits}, DType::kF32);
   check_shape(op, {"lse", lse}, {logits.dim(0)}, {"logits", logits});
   check_same_shape(op, {"dlogits", dlogits}, {"logits", logits});
-  MOE_DISPATCH(cross_entropy_bwd, dev, logits, targets, lse, scale, dlogits);
+  MOE_DISPATCH(cross_entropy_bwd, dev, logits, targets, lse, scale, dlogits, vocab_start, valid_cols);
 }
 
 }  // namespace moeforge::ops

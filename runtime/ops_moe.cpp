@@ -39,6 +39,13 @@ void check_positions(std::string_view op, const Tensor& positions) {
             positions.shape().str());
 }
 
+// The token count a router loss is normalised by covers at least the rows given here (more when the
+// rows are one rank's share of a sequence-parallel batch).
+void check_num_tokens(std::string_view op, int64_t num_tokens, NamedTensor rows) {
+  MOE_CHECK(num_tokens >= rows.t.dim(0), "{}: num_tokens={} must be >= the {} rows of {} (shape {})", op, num_tokens,
+            rows.t.dim(0), rows.name, rows.t.shape().str());
+}
+
 // A 1-element f32 loss.
 void check_loss(std::string_view op, const Tensor& loss, NamedTensor ref) {
   check_dtype(op, {"loss", loss}, DType::kF32);
@@ -103,44 +110,49 @@ void router_bwd(const Tensor& logits, Gating gating, const Tensor& experts, cons
   MOE_DISPATCH(router_bwd, dev, logits, gating, experts, dweights, dprobs, dlogits);
 }
 
-void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, const Tensor& loss) {
+void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, const Tensor& loss) {
   constexpr std::string_view op = "moe_aux_loss_fwd";
   const Device dev = check_same_device(op, {{"probs", probs}, {"counts", counts}, {"loss", loss}});
   check_logits(op, {"probs", probs});
   check_k(op, k, probs.dim(1));
+  check_num_tokens(op, num_tokens, {"probs", probs});
   check_dtype(op, {"counts", counts}, DType::kI64);
   check_shape(op, {"counts", counts}, Shape{probs.dim(1)}, {"probs", probs});
   check_loss(op, loss, {"probs", probs});
-  MOE_DISPATCH(moe_aux_loss_fwd, dev, probs, counts, k, loss);
+  MOE_DISPATCH(moe_aux_loss_fwd, dev, probs, counts, k, num_tokens, loss);
 }
 
-void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, float scale, const Tensor& dprobs) {
+void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, float scale,
+                      const Tensor& dprobs) {
   constexpr std::string_view op = "moe_aux_loss_bwd";
   const Device dev = check_same_device(op, {{"probs", probs}, {"counts", counts}, {"dprobs", dprobs}});
   check_logits(op, {"probs", probs});
   check_k(op, k, probs.dim(1));
+  check_num_tokens(op, num_tokens, {"probs", probs});
   check_dtype(op, {"counts", counts}, DType::kI64);
   check_shape(op, {"counts", counts}, Shape{probs.dim(1)}, {"probs", probs});
   check_dtype(op, {"dprobs", dprobs}, DType::kF32);
   check_same_shape(op, {"dprobs", dprobs}, {"probs", probs});
-  MOE_DISPATCH(moe_aux_loss_bwd, dev, probs, counts, k, scale, dprobs);
+  MOE_DISPATCH(moe_aux_loss_bwd, dev, probs, counts, k, num_tokens, scale, dprobs);
 }
 
-void router_z_loss_fwd(const Tensor& logits, const Tensor& loss) {
+void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& loss) {
   constexpr std::string_view op = "router_z_loss_fwd";
   const Device dev = check_same_device(op, {{"logits", logits}, {"loss", loss}});
   check_logits(op, {"logits", logits});
+  check_num_tokens(op, num_tokens, {"logits", logits});
   check_loss(op, loss, {"logits", logits});
-  MOE_DISPATCH(router_z_loss_fwd, dev, logits, loss);
+  MOE_DISPATCH(router_z_loss_fwd, dev, logits, num_tokens, loss);
 }
 
-void router_z_loss_bwd(const Tensor& logits, float scale, const Tensor& dlogits) {
+void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits) {
   constexpr std::string_view op = "router_z_loss_bwd";
   const Device dev = check_same_device(op, {{"logits", logits}, {"dlogits", dlogits}});
   check_logits(op, {"logits", logits});
+  check_num_tokens(op, num_tokens, {"logits", logits});
   check_dtype(op, {"dlogits", dlogits}, DType::kF32);
   check_same_shape(op, {"dlogits", dlogits}, {"logits", logits});
-  MOE_DISPATCH(router_z_loss_bwd, dev, logits, scale, dlogits);
+  MOE_DISPATCH(router_z_loss_bwd, dev, logits, num_tokens, scale, dlogits);
 }
 
 void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets) {

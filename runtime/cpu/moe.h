@@ -23,10 +23,11 @@ void router_fwd(const Tensor& logits, ops::Gating gating, int k, const Tensor& b
                 const Tensor& experts, const Tensor& probs);
 void router_bwd(const Tensor& logits, ops::Gating gating, const Tensor& experts, const Tensor& dweights,
                 const Tensor& dprobs, const Tensor& dlogits);
-void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, const Tensor& loss);
-void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, float scale, const Tensor& dprobs);
-void router_z_loss_fwd(const Tensor& logits, const Tensor& loss);
-void router_z_loss_bwd(const Tensor& logits, float scale, const Tensor& dlogits);
+void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, const Tensor& loss);
+void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, float scale,
+                      const Tensor& dprobs);
+void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& loss);
+void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits);
 
 void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets);
 void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out);

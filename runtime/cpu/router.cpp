@@ -156,10 +156,11 @@ void router_bwd(const Tensor& logits, ops::Gating gating, const Tensor& experts,
   }
 }
 
-// loss = E / (N K) * sum_e count_e * mean_n probs[n, e]. The column sums run serially in double,
-// row by row: deterministic and cheap next to the router GEMM that produced probs. Without tokens
-// (N = 0) both losses are 0 rather than 0/0.
-void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, const Tensor& loss) {
+// With T = num_tokens: loss = E / (T K) * sum_e count_e * (1 / T) * sum_{n in these rows} probs[n, e].
+// The column sums run serially in double, row by row: deterministic and cheap next to the router
+// GEMM that produced probs. Without tokens (T = 0, so no rows either) both losses are 0 rather
+// than 0/0.
+void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, const Tensor& loss) {
   const int64_t n_rows = probs.dim(0);
   const int64_t num_experts = probs.dim(1);
   const float* pp = probs.data<float>();
@@ -170,18 +171,21 @@ void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, const Te
     for (int64_t n = 0; n < n_rows; ++n)
       for (int64_t e = 0; e < num_experts; ++e) col[e] += pp[n * num_experts + e];
     for (int64_t e = 0; e < num_experts; ++e) total += static_cast<double>(pc[e]) * col[e];
-    total *= static_cast<double>(num_experts) / (static_cast<double>(n_rows) * n_rows * k);
+    const double t = static_cast<double>(num_tokens);
+    total *= static_cast<double>(num_experts) / (t * t * k);
   }
   loss.data<float>()[0] = static_cast<float>(total);
 }
 
-void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, float scale, const Tensor& dprobs) {
+void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, float scale,
+                      const Tensor& dprobs) {
   const int64_t n_rows = probs.dim(0);
   const int64_t num_experts = probs.dim(1);
   if (n_rows == 0) return;
   const int64_t* pc = counts.data<int64_t>();
   float* pd = dprobs.data<float>();
-  const double c = static_cast<double>(scale) * num_experts / (static_cast<double>(n_rows) * n_rows * k);
+  const double t = static_cast<double>(num_tokens);
+  const double c = static_cast<double>(scale) * num_experts / (t * t * k);
   std::vector<float> g(num_experts);  // the gradient does not depend on n
   for (int64_t e = 0; e < num_experts; ++e) g[e] = static_cast<float>(c * static_cast<double>(pc[e]));
 #pragma omp parallel for schedule(static) if (n_rows * num_experts > kParallelMinWork)
@@ -189,7 +193,7 @@ void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, float sc
     for (int64_t e = 0; e < num_experts; ++e) pd[n * num_experts + e] = g[e];
 }
 
-void router_z_loss_fwd(const Tensor& logits, const Tensor& loss) {
+void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& loss) {
   const int64_t n_rows = logits.dim(0);
   const int64_t num_experts = logits.dim(1);
   const float* pl = logits.data<float>();
@@ -198,11 +202,11 @@ void router_z_loss_fwd(const Tensor& logits, const Tensor& loss) {
   for (int64_t n = 0; n < n_rows; ++n) lse[n] = row_lse(pl + n * num_experts, num_experts);
   double total = 0.0;  // summed serially so the result is independent of the thread count
   for (int64_t n = 0; n < n_rows; ++n) total += static_cast<double>(lse[n]) * lse[n];
-  loss.data<float>()[0] = n_rows > 0 ? static_cast<float>(total / static_cast<double>(n_rows)) : 0.0f;
+  loss.data<float>()[0] = n_rows > 0 ? static_cast<float>(total / static_cast<double>(num_tokens)) : 0.0f;
 }
 
-// d/dlogits[n, e] of mean_n lse_n^2 = 2 lse_n softmax(logits[n])_e / N.
-void router_z_loss_bwd(const Tensor& logits, float scale, const Tensor& dlogits) {
+// d/dlogits[n, e] of sum_n lse_n^2 / T = 2 lse_n softmax(logits[n])_e / T.
+void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits) {
   const int64_t n_rows = logits.dim(0);
   const int64_t num_experts = logits.dim(1);
   const float* pl = logits.data<float>();
@@ -211,7 +215,7 @@ void router_z_loss_bwd(const Tensor& logits, float scale, const Tensor& dlogits)
   for (int64_t n = 0; n < n_rows; ++n) {
     const float* l = pl + n * num_experts;
     const float lse = row_lse(l, num_experts);
-    const float c = scale * 2.0f * lse / static_cast<float>(n_rows);
+    const float c = scale * 2.0f * lse / static_cast<float>(num_tokens);
     for (int64_t e = 0; e < num_experts; ++e) pd[n * num_experts + e] += c * std::exp(l[e] - lse);
   }
 }

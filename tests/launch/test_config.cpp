@@ -250,14 +250,10 @@ TEST(ConfigErrors, ParallelLayout) {
       "bad.pbtxt:2: parallel.tp: 4 does not divide model.n_heads = 6");
   EXPECT_EQ(config_error("model { n_kv_heads: 2 }\nparallel { tp: 4 }\ndata { train: \"d\" }\n", {}, 4),
             "bad.pbtxt:2: parallel.tp: 4 does not divide model.n_kv_heads = 2");
-  EXPECT_EQ(config_error(kMinimal, {"parallel.tp=2"}, 2),
-            "--set parallel.tp=2: parallel.tp: 2 does not divide model.vocab_size = 259 (the embedding and the LM head "
-            "are split over TP by vocabulary rows; pad it to 260)");
-  EXPECT_EQ(
-      config_error(kMinimal,
-                   {"model.vocab_size=260", "model.n_shared_experts=1", "model.expert_hidden=6", "parallel.tp=4"}, 4),
-      "--set parallel.tp=4: parallel.tp: 4 does not divide model.n_shared_experts * model.expert_hidden = 1 * 6 = "
-      "6 (the shared experts are split over TP)");
+  EXPECT_EQ(config_error(kMinimal,
+                         {"model.n_heads=6", "model.n_kv_heads=3", "model.dim=384", "parallel.tp=3"}, 3),
+            "--set parallel.tp=3: parallel.tp: 3 does not divide the 2048 tokens of a micro-batch "
+            "(train.micro_batch * train.seq_len; sequence parallelism splits them over TP)");
   EXPECT_EQ(config_error(kMinimal, {"parallel.zero_stage=2"}),
             "--set parallel.zero_stage=2: parallel.zero_stage: must be 0 or 1, got 2");
   EXPECT_EQ(config_error(kMinimal, {"parallel.collective_timeout_s=0"}),

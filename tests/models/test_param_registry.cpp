@@ -44,10 +44,11 @@ TEST(ParamRegistry, ShardsAreSlicesOfTheSingleRankInit) {
   for (const auto& [tp, ep] : std::vector<std::pair<int, int>>{{2, 1}, {1, 2}, {2, 4}}) {
     for (int tp_rank = 0; tp_rank < tp; ++tp_rank) {
       for (int ep_rank = 0; ep_rank < ep; ++ep_rank) {
-        MoeTransformer shard(small_config(), ShardLayout{tp, tp_rank, ep, ep_rank});
-        shard.registry().init(42);
-        ASSERT_EQ(shard.registry().params().size(), whole.registry().params().size());
-        for (const Param& p : shard.registry().params()) {
+        // The model's own parameter specs, registered under this rank's layout.
+        ParamRegistry shard(ShardLayout{tp, tp_rank, ep, ep_rank});
+        for (const Param& p : whole.registry().params()) shard.add(p.spec);
+        shard.init(42);
+        for (const Param& p : shard.params()) {
           const Param& full = whole.registry().get(p.spec.name);
           const int64_t expect_split = p.spec.shard_group == ShardGroup::kTP ? tp
                                        : p.spec.shard_group == ShardGroup::kEP ? ep
@@ -73,6 +74,8 @@ TEST(ParamRegistry, CanonicalNamesShapesAndSharding) {
   EXPECT_TRUE(r.get("layers.0.moe.experts.w2").spec.expert);
   EXPECT_EQ(r.get("layers.0.moe.experts.w2").spec.shard_group, ShardGroup::kEP);
   EXPECT_EQ(r.get("layers.0.moe.shared.w1").spec.global_shape, Shape({6, 8}));
+  EXPECT_EQ(r.get("layers.0.moe.shared.w1").spec.shard_group, ShardGroup::kNone);  // whole, like the experts
+  EXPECT_EQ(r.get("embed.weight").spec.padded_rows, 0);
   EXPECT_FALSE(r.get("final_norm.weight").spec.weight_decay);
   EXPECT_TRUE(r.contains("lm_head.weight"));
   // 2 layers x (2 norms + 4 attention + router + 3 experts + 3 shared) + embed + final norm + head

@@ -1,7 +1,10 @@
 // Tests embedding_fwd / embedding_bwd (runtime/ops_dense.cpp, runtime/cpu/embedding.cpp): the
 // lookup against a naive double gather, the scatter-add backward against finite differences
 // (repeated ids included) and its accumulate rule, determinism across thread counts, and the
-// error messages for bad ids, shapes and dtypes.
+// error messages for bad ids, shapes and dtypes. Vocab-parallel: over R = 1, 2, 3 shards of a
+// padded vocabulary, each shard's lookup is the gather of its own ids (zero rows elsewhere) and
+// the shards' sum is the full lookup; each shard's backward equals its rows of the unsplit
+// backward and leaves the padding rows alone; the slice arguments are validated.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -139,6 +142,89 @@ TEST(Embedding, ShapeAndDtypeErrorsNameOpAndShapes) {
             "embedding_fwd: ids must be i32, got f32 with shape (3)");
   EXPECT_EQ(error_of([&] { ops::embedding_fwd(ids.reshape({1, 3}), table, Tensor::empty({3, 5}, DType::kF32)); }),
             "embedding_fwd: ids must have 1 dims, got shape (1, 3)");
+}
+
+// ---- vocab-parallel ------------------------------------------------------------------------------
+
+struct ShardCase {
+  int64_t n, v, c, r;
+};
+
+class VocabParallelEmbeddingTest : public ::testing::TestWithParam<ShardCase> {};
+
+// The vocabulary of V ids padded to R * Vl rows, Vl = ceil(V / R); shard r holds rows
+// [r * Vl, (r + 1) * Vl). The padding rows hold values too: no id may reach them.
+TEST_P(VocabParallelEmbeddingTest, ShardsSumToTheLookupAndOwnTheirRowsOfTheGradient) {
+  const ShardCase p = GetParam();
+  const int64_t vl = (p.v + p.r - 1) / p.r;
+  const Tensor ids = random_ints({p.n}, 11, 0, static_cast<int32_t>(p.v));
+  ids.data<int32_t>()[p.n - 1] = static_cast<int32_t>(p.v - 1);  // the last real row, next to the padding
+  const std::vector<int32_t> id_values = ints_of(ids);
+  const Tensor table = random_tensor({p.r * vl, p.c}, 12);
+  const std::vector<double> tv = to_double(table);
+  const Tensor dout = random_tensor({p.n, p.c}, 13);
+  const Tensor full_dtable = random_tensor({p.r * vl, p.c}, 14);
+  const std::vector<double> dtable_before = to_double(full_dtable);
+  ops::embedding_bwd(ids, dout, full_dtable.rows(0, p.v));
+  const std::vector<double> full_grad = to_double(full_dtable);
+
+  std::vector<double> sum(static_cast<size_t>(p.n * p.c), 0.0);
+  for (int64_t r = 0; r < p.r; ++r) {
+    const int64_t start = r * vl;
+    const Tensor out = random_tensor({p.n, p.c}, 15 + r);
+    ops::embedding_fwd(ids, table.rows(start, start + vl).clone(), out, start, p.v);
+    std::vector<double> want;
+    for (int32_t id : id_values) {
+      const bool owned = id >= start && id < start + vl;
+      for (int64_t j = 0; j < p.c; ++j) want.push_back(owned ? tv[id * p.c + j] : 0.0);
+    }
+    expect_close(out, want, 0.0, 0.0, fmt::format("embedding_fwd shard {}", r));
+    const std::vector<double> got = to_double(out);
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += got[i];
+
+    const Tensor dtable = Tensor::empty({vl, p.c}, DType::kF32);
+    std::copy(dtable_before.begin() + start * p.c, dtable_before.begin() + (start + vl) * p.c,
+              dtable.data<float>());
+    ops::embedding_bwd(ids, dout, dtable, start, p.v);
+    // Rows of real ids match the unsplit backward bitwise (same positions, same order); padding
+    // rows are untouched.
+    expect_close(dtable,
+                 std::vector<double>(full_grad.begin() + start * p.c, full_grad.begin() + (start + vl) * p.c), 0.0,
+                 0.0, fmt::format("embedding_bwd shard {}", r));
+  }
+  expect_close(sum, ref_embedding(id_values, tv, p.c), 0.0, 0.0, "sum of the shards' lookups");
+}
+
+// V = 259 over 3 shards of 87 pads 2 rows; V = 5 over 3 shards of 2 pads 1; 4096 x 48 runs the
+// kernels in parallel.
+INSTANTIATE_TEST_SUITE_P(Shards, VocabParallelEmbeddingTest,
+                         ::testing::Values(ShardCase{1, 1, 3, 1}, ShardCase{37, 11, 37, 1}, ShardCase{37, 11, 5, 2},
+                                           ShardCase{40, 5, 8, 3}, ShardCase{64, 259, 5, 3},
+                                           ShardCase{64, 259, 7, 2}, ShardCase{4096, 300, 48, 3}),
+                         [](const ::testing::TestParamInfo<ShardCase>& test) {
+                           return fmt::format("N{}_V{}_C{}_R{}", test.param.n, test.param.v, test.param.c,
+                                              test.param.r);
+                         });
+
+TEST(Embedding, ShardChecksIdsAgainstTheRealVocabularyAndValidatesItsSlice) {
+  std::vector<int32_t> values(8, 1);
+  values[5] = 259;  // a padding row of the last shard: not a token
+  const Tensor ids = Tensor::from_ints({8}, values);
+  const Tensor shard = random_tensor({87, 4}, 1);
+  const Tensor out = Tensor::empty({8, 4}, DType::kF32);
+  EXPECT_EQ(error_of([&] { ops::embedding_fwd(ids, shard, out, 174, 259); }),
+            "embedding_fwd: id 259 at position 5 is outside the vocabulary [0, 259)");
+  EXPECT_EQ(error_of([&] { ops::embedding_bwd(ids, out, shard, 0, 259); }),
+            "embedding_bwd: id 259 at position 5 is outside the vocabulary [0, 259)");
+  ids.data<int32_t>()[5] = 258;
+  EXPECT_EQ(error_of([&] { ops::embedding_fwd(ids, shard, out, 0, 259); }), "(no error)");
+
+  EXPECT_EQ(error_of([&] { ops::embedding_fwd(ids, shard, out, -1, 259); }),
+            "embedding_fwd: vocab_start=-1 must be >= 0");
+  EXPECT_EQ(error_of([&] { ops::embedding_bwd(ids, out, shard, 0, 0); }),
+            "embedding_bwd: vocab_size=0 must be >= 1, or -1 for the whole table");
+  EXPECT_EQ(error_of([&] { ops::embedding_fwd(ids, shard, out, 87, -1); }),
+            "embedding_fwd: vocab_size=-1 (the table is the whole vocabulary) needs vocab_start=0, got 87");
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 // gatings, with and without the selection bias) against a naive double reference, router_bwd
 // against finite differences of that reference (with and without the aux-loss gradient), the
 // tie and bias rules of the selection on hand-computed rows, the aux and z losses (value and
-// gradient), and the validation messages.
+// gradient, and split over row blocks with the global counts and token count, as sequence
+// parallelism runs them), and the validation messages.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -248,13 +249,13 @@ TEST(AuxLoss, ValueAndGradientMatchDouble) {
   const std::vector<int64_t> cv{7, 0, 9, 4, 6};   // sums to N * K = 26
   const Tensor counts = i64_tensor(cv);
   const Tensor loss = Tensor::empty({1}, DType::kF32);
-  ops::moe_aux_loss_fwd(probs, counts, k, loss);
+  ops::moe_aux_loss_fwd(probs, counts, k, n, loss);
   const std::vector<double> P = to_double(probs);
   EXPECT_NEAR(loss.data<float>()[0], ref_aux_loss(P, cv, n, e, k), 1e-6);
 
   const float scale = 0.37f;
   const Tensor dprobs = random_tensor({n, e}, 22);
-  ops::moe_aux_loss_bwd(probs, counts, k, scale, dprobs);
+  ops::moe_aux_loss_bwd(probs, counts, k, n, scale, dprobs);
   std::vector<double> fd = finite_diff([&](const std::vector<double>& p) { return ref_aux_loss(p, cv, n, e, k); }, P);
   for (double& v : fd) v *= scale;
   expect_close(dprobs, fd, 1e-5, 1e-7, "moe_aux_loss_bwd vs finite differences");
@@ -266,7 +267,7 @@ TEST(AuxLoss, BalancedRouterScoresOne) {
   const Tensor probs = Tensor::empty({n, e}, DType::kF32);
   ops::fill(probs, 0.25f);
   const Tensor loss = Tensor::empty({1}, DType::kF32);
-  ops::moe_aux_loss_fwd(probs, i64_tensor({6, 6, 6, 6}), k, loss);
+  ops::moe_aux_loss_fwd(probs, i64_tensor({6, 6, 6, 6}), k, n, loss);
   EXPECT_NEAR(loss.data<float>()[0], 1.0, 1e-6);
 }
 
@@ -284,7 +285,7 @@ TEST(ZLoss, ValueAndAccumulatedGradientMatchDouble) {
   for (auto [n, e] : {std::pair<int64_t, int64_t>{7, 5}, {13, 8}, {1031, 64}}) {
     const Tensor logits = random_tensor({n, e}, 31 + n, 3.0f);
     const Tensor loss = Tensor::empty({1}, DType::kF32);
-    ops::router_z_loss_fwd(logits, loss);
+    ops::router_z_loss_fwd(logits, n, loss);
     const std::vector<double> L = to_double(logits);
     const double want = ref_z_loss(L, n, e);
     EXPECT_NEAR(loss.data<float>()[0], want, 1e-5 * want) << "N=" << n;
@@ -292,7 +293,7 @@ TEST(ZLoss, ValueAndAccumulatedGradientMatchDouble) {
     const float scale = 0.01f;
     const Tensor dlogits = random_tensor({n, e}, 32 + n);
     std::vector<double> expect = to_double(dlogits);
-    ops::router_z_loss_bwd(logits, scale, dlogits);
+    ops::router_z_loss_bwd(logits, n, scale, dlogits);
     // Rows are independent: difference each row's term, scaled by 1/N.
     for (int64_t i = 0; i < n; ++i) {
       const std::vector<double> row(L.begin() + i * e, L.begin() + (i + 1) * e);
@@ -301,6 +302,66 @@ TEST(ZLoss, ValueAndAccumulatedGradientMatchDouble) {
     }
     expect_close(dlogits, expect, 1e-5, 1e-7, "router_z_loss_bwd accumulates onto dlogits");
   }
+}
+
+// Sequence parallel: the rows are split into blocks (one per rank); every block's part, computed
+// with the global counts and token count, sums to the unsplit loss, and every block's gradient
+// is its rows of the unsplit gradient.
+TEST(RouterLosses, RowBlocksWithGlobalCountsSumToTheUnsplitLosses) {
+  const int64_t n = 23, e = 6;
+  const int k = 2;
+  const Tensor probs = random_tensor({n, e}, 41);
+  const Tensor logits = random_tensor({n, e}, 42, 3.0f);
+  const Tensor counts = i64_tensor({9, 3, 0, 14, 11, 9});  // sums to N * K = 46
+  const float scale = 0.37f;
+
+  const Tensor aux = Tensor::empty({1}, DType::kF32), z = Tensor::empty({1}, DType::kF32);
+  ops::moe_aux_loss_fwd(probs, counts, k, n, aux);
+  ops::router_z_loss_fwd(logits, n, z);
+  const Tensor daux = Tensor::empty({n, e}, DType::kF32);
+  ops::moe_aux_loss_bwd(probs, counts, k, n, scale, daux);
+  const Tensor dz = random_tensor({n, e}, 43);
+  const std::vector<double> dz_before = to_double(dz);
+  ops::router_z_loss_bwd(logits, n, scale, dz);
+
+  // Blocks of 8, 8, 7 rows (three ranks), and an empty block (a rank without tokens).
+  const std::vector<int64_t> bounds{0, 8, 16, 16, n};
+  double aux_sum = 0.0, z_sum = 0.0;
+  for (size_t b = 0; b + 1 < bounds.size(); ++b) {
+    const int64_t lo = bounds[b], hi = bounds[b + 1];
+    const Tensor part = Tensor::empty({1}, DType::kF32);
+    ops::moe_aux_loss_fwd(probs.rows(lo, hi), counts, k, n, part);
+    aux_sum += part.data<float>()[0];
+    ops::router_z_loss_fwd(logits.rows(lo, hi), n, part);
+    z_sum += part.data<float>()[0];
+
+    const Tensor daux_block = random_tensor({hi - lo, e}, 44);  // written
+    ops::moe_aux_loss_bwd(probs.rows(lo, hi), counts, k, n, scale, daux_block);
+    expect_close(daux_block, to_double(daux.rows(lo, hi)), 0.0, 0.0, fmt::format("aux gradient rows [{}, {})", lo, hi));
+    const Tensor dz_block = Tensor::from_floats({hi - lo, e}, std::vector<float>(dz_before.begin() + lo * e,
+                                                                                 dz_before.begin() + hi * e));
+    ops::router_z_loss_bwd(logits.rows(lo, hi), n, scale, dz_block);  // accumulates
+    expect_close(dz_block, to_double(dz.rows(lo, hi)), 0.0, 0.0, fmt::format("z gradient rows [{}, {})", lo, hi));
+  }
+  EXPECT_NEAR(aux_sum, aux.data<float>()[0], 1e-6 * std::abs(aux.data<float>()[0]));
+  EXPECT_NEAR(z_sum, z.data<float>()[0], 1e-6 * z.data<float>()[0]);
+
+  // And against the double references: the aux gradient of a block is that of the whole loss.
+  std::vector<double> fd = finite_diff(
+      [&](const std::vector<double>& p) { return ref_aux_loss(p, {9, 3, 0, 14, 11, 9}, n, e, k); }, to_double(probs));
+  for (double& v : fd) v *= scale;
+  expect_close(daux, fd, 1e-5, 1e-7, "moe_aux_loss_bwd vs finite differences");
+  EXPECT_NEAR(z.data<float>()[0], ref_z_loss(to_double(logits), n, e), 1e-5 * z.data<float>()[0]);
+}
+
+TEST(RouterLosses, NoTokensGiveZeroLoss) {
+  const Tensor probs = Tensor::empty({0, 4}, DType::kF32);
+  const Tensor loss = random_tensor({1}, 1);
+  ops::moe_aux_loss_fwd(probs, i64_tensor({0, 0, 0, 0}), 2, 0, loss);
+  EXPECT_EQ(loss.data<float>()[0], 0.0f);
+  ops::fill(loss, 1.0f);
+  ops::router_z_loss_fwd(probs, 0, loss);
+  EXPECT_EQ(loss.data<float>()[0], 0.0f);
 }
 
 // ---- validation -----------------------------------------------------------------------------------
@@ -348,12 +409,22 @@ TEST(RouterValidation, MessagesNameOpAndShapes) {
             "router_bwd: experts[2, 1] = 4 is out of range [0, 4)");
 
   const Tensor loss = Tensor::empty({1}, DType::kF32);
-  EXPECT_EQ(error_of([&] { ops::moe_aux_loss_fwd(probs, i64_tensor({1, 2, 3}), 2, loss); }),
+  EXPECT_EQ(error_of([&] { ops::moe_aux_loss_fwd(probs, i64_tensor({1, 2, 3}), 2, 7, loss); }),
             "moe_aux_loss_fwd: counts has shape (3) but probs has shape (7, 4); expected counts of shape (4)");
-  EXPECT_EQ(error_of([&] { ops::moe_aux_loss_fwd(probs, experts, 2, loss); }),
+  EXPECT_EQ(error_of([&] { ops::moe_aux_loss_fwd(probs, experts, 2, 7, loss); }),
             "moe_aux_loss_fwd: counts must be i64, got i32 with shape (7, 2)");
-  EXPECT_EQ(error_of([&] { ops::router_z_loss_fwd(logits, probs); }),
+  EXPECT_EQ(error_of([&] { ops::router_z_loss_fwd(logits, 7, probs); }),
             "router_z_loss_fwd: loss has shape (7, 4) but logits has shape (7, 4); expected loss of shape (1)");
+  EXPECT_EQ(error_of([&] { ops::moe_aux_loss_fwd(probs, i64_tensor({1, 2, 3, 4}), 2, 6, loss); }),
+            "moe_aux_loss_fwd: num_tokens=6 must be >= the 7 rows of probs (shape (7, 4))");
+  EXPECT_EQ(error_of([&] { ops::moe_aux_loss_bwd(probs, i64_tensor({1, 2, 3, 4}), 2, 0, 1.0f, dlogits); }),
+            "moe_aux_loss_bwd: num_tokens=0 must be >= the 7 rows of probs (shape (7, 4))");
+  EXPECT_EQ(error_of([&] { ops::router_z_loss_fwd(logits, 3, loss); }),
+            "router_z_loss_fwd: num_tokens=3 must be >= the 7 rows of logits (shape (7, 4))");
+  EXPECT_EQ(error_of([&] { ops::router_z_loss_bwd(logits, -1, 1.0f, dlogits); }),
+            "router_z_loss_bwd: num_tokens=-1 must be >= the 7 rows of logits (shape (7, 4))");
+  EXPECT_EQ(error_of([&] { ops::router_z_loss_fwd(Tensor::empty({0, 4}, DType::kF32), -1, loss); }),
+            "router_z_loss_fwd: num_tokens=-1 must be >= the 0 rows of logits (shape (0, 4))");
 }
 
 }  // namespace

@@ -1,13 +1,15 @@
-// Tests optim/grad_clip.cpp: the global norm against a double reference over parameters of odd
-// shapes (one large enough for the threaded reduction), clipping to exactly the max norm with the
-// direction kept, no-op below the threshold and with max_norm 0, a non-finite norm, and errors.
+// Tests optim/distributed_optimizer.cpp on one rank (the multi-rank behaviour is covered by
+// tests/parallel/test_layout_invariance.cpp): the global norm against a double reference over
+// parameters of odd shapes (one large enough for the threaded reduction), clipping to exactly the
+// max norm with the direction kept, no-op below the threshold and with max_norm 0, a non-finite
+// norm, errors, and ZeRO-1 on one rank updating exactly as stage 0.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "optim/grad_clip.h"
+#include "optim/distributed_optimizer.h"
 #include "runtime/ops.h"
 #include "tests/data/temp_dir.h"
 #include "tests/testing.h"
@@ -31,6 +33,11 @@ void make_params(ParamRegistry& reg, float scale) {
   }
 }
 
+double clip_grad_norm(ParamRegistry& reg, double max_norm, int zero_stage = 0) {
+  DistributedOptimizer opt(reg, ProcessGrid::single(), AdamWOptions{}, zero_stage);
+  return opt.clip_grad_norm(max_norm);
+}
+
 double reference_norm(const ParamRegistry& reg) {
   double sum = 0.0;
   for (const Param& p : reg.params()) {
@@ -45,17 +52,18 @@ std::vector<std::vector<float>> grads_of(const ParamRegistry& reg) {
   return out;
 }
 
-TEST(GradClip, GlobalNormMatchesDoubleReference) {
+TEST(DistributedOptimizer, GlobalNormMatchesDoubleReference) {
   ParamRegistry reg;
   make_params(reg, 1.0f);
   const double want = reference_norm(reg);
-  EXPECT_NEAR(global_grad_norm(reg), want, 1e-12 * want);
+  EXPECT_NEAR(clip_grad_norm(reg, 0.0), want, 1e-12 * want);
+  EXPECT_NEAR(clip_grad_norm(reg, 0.0, /*zero_stage=*/1), want, 1e-12 * want);
   EXPECT_GT(want, 50.0);  // the values the clip tests below rely on
   ParamRegistry empty;
-  EXPECT_EQ(global_grad_norm(empty), 0.0);
+  EXPECT_EQ(clip_grad_norm(empty, 0.0), 0.0);
 }
 
-TEST(GradClip, ClipsToMaxNormKeepingDirection) {
+TEST(DistributedOptimizer, ClipsToMaxNormKeepingDirection) {
   ParamRegistry reg;
   make_params(reg, 1.0f);
   const double before = reference_norm(reg);
@@ -75,7 +83,7 @@ TEST(GradClip, ClipsToMaxNormKeepingDirection) {
   }
 }
 
-TEST(GradClip, NoOpBelowThresholdOrDisabled) {
+TEST(DistributedOptimizer, NoOpBelowThresholdOrDisabled) {
   ParamRegistry reg;
   make_params(reg, 1.0f);
   const double norm = reference_norm(reg);
@@ -86,7 +94,7 @@ TEST(GradClip, NoOpBelowThresholdOrDisabled) {
   EXPECT_EQ(grads_of(reg), old);
 }
 
-TEST(GradClip, NonFiniteNormLeavesGradientsForTheCaller) {
+TEST(DistributedOptimizer, NonFiniteNormLeavesGradientsForTheCaller) {
   ParamRegistry reg;
   make_params(reg, 1.0f);
   reg.get("layers.0.attn.wq").grad.data<float>()[5] = std::numeric_limits<float>::infinity();
@@ -97,12 +105,36 @@ TEST(GradClip, NonFiniteNormLeavesGradientsForTheCaller) {
   EXPECT_TRUE(std::isnan(clip_grad_norm(reg, 1.0)));
 }
 
-TEST(GradClip, RejectsBadMaxNorm) {
+TEST(DistributedOptimizer, RejectsBadMaxNorm) {
   ParamRegistry reg;
   make_params(reg, 1.0f);
-  EXPECT_EQ(error_of([&] { clip_grad_norm(reg, -1.0); }), "clip_grad_norm: max_norm must be finite and >= 0, got -1");
+  EXPECT_EQ(error_of([&] { clip_grad_norm(reg, -1.0); }), "optim.grad_clip must be finite and >= 0, got -1");
   EXPECT_EQ(error_of([&] { clip_grad_norm(reg, std::numeric_limits<double>::infinity()); }),
-            "clip_grad_norm: max_norm must be finite and >= 0, got inf");
+            "optim.grad_clip must be finite and >= 0, got inf");
+}
+
+TEST(DistributedOptimizer, ZeroOneOnOneRankStepsLikeStageZero) {
+  ParamRegistry a, b;
+  make_params(a, 1.0f);
+  make_params(b, 1.0f);
+  DistributedOptimizer plain(a, ProcessGrid::single(), AdamWOptions{}, 0);
+  DistributedOptimizer zero(b, ProcessGrid::single(), AdamWOptions{}, 1);
+  for (int s = 0; s < 3; ++s) {
+    plain.reduce_gradients();
+    zero.reduce_gradients();
+    EXPECT_EQ(plain.clip_grad_norm(1.0), zero.clip_grad_norm(1.0));
+    plain.step(1e-2f);
+    zero.step(1e-2f);
+  }
+  for (const Param& p : a.params()) EXPECT_EQ(p.value.to_floats(), b.get(p.spec.name).value.to_floats()) << p.spec.name;
+  EXPECT_EQ(zero.adamw().owned_range("embed").size(), 300 * 257);
+}
+
+TEST(DistributedOptimizer, RejectsBadZeroStage) {
+  ParamRegistry reg;
+  make_params(reg, 1.0f);
+  EXPECT_EQ(error_of([&] { DistributedOptimizer(reg, ProcessGrid::single(), AdamWOptions{}, 2); }),
+            "parallel.zero_stage must be 0 or 1, got 2");
 }
 
 }  // namespace
