@@ -50,6 +50,17 @@ double dot(const std::vector<double>& a, const std::vector<double>& b);
 void write_npy(const std::string& path, const Tensor& t);
 Tensor read_npy(const std::string& path);
 
+// The message of the moeforge::Error that f() throws, or "<no error>".
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
 // Path of a file in the source tree (MOEFORGE_SOURCE_DIR is set by ctest).
 std::string source_path(const std::string& relative);
 

@@ -2,6 +2,8 @@
 // message of the moeforge::Error a callable throws (for exact-message assertions).
 #pragma once
 
+#include "tests/testing.h"
+
 #include <unistd.h>
 
 #include <filesystem>
@@ -43,17 +45,6 @@ inline void write_file(const std::string& path, std::string_view bytes) {
 inline std::string read_file(const std::string& path) {
   std::ifstream is(path, std::ios::binary);
   return {std::istreambuf_iterator<char>(is), std::istreambuf_iterator<char>()};
-}
-
-// The message of the moeforge::Error that f() throws, or "<no error>".
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
 }
 
 }  // namespace moeforge::testing

@@ -22,15 +22,7 @@ using testing::random_ints;
 using testing::random_tensor;
 using testing::to_double;
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 // out (N, C) = table[ids]
 std::vector<double> ref_embedding(const std::vector<int32_t>& ids, const std::vector<double>& table, int64_t c) {
@@ -217,7 +209,7 @@ TEST(Embedding, ShardChecksIdsAgainstTheRealVocabularyAndValidatesItsSlice) {
   EXPECT_EQ(error_of([&] { ops::embedding_bwd(ids, out, shard, 0, 259); }),
             "embedding_bwd: id 259 at position 5 is outside the vocabulary [0, 259)");
   ids.data<int32_t>()[5] = 258;
-  EXPECT_EQ(error_of([&] { ops::embedding_fwd(ids, shard, out, 0, 259); }), "(no error)");
+  EXPECT_EQ(error_of([&] { ops::embedding_fwd(ids, shard, out, 0, 259); }), "<no error>");
 
   EXPECT_EQ(error_of([&] { ops::embedding_fwd(ids, shard, out, -1, 259); }),
             "embedding_fwd: vocab_start=-1 must be >= 0");

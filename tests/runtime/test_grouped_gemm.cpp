@@ -27,15 +27,7 @@ Tensor i64_tensor(const std::vector<int64_t>& v) {
   return t;
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 struct GroupedCase {
   std::vector<int64_t> rows;  // rows per expert; M is their sum

@@ -30,15 +30,7 @@ std::vector<int64_t> longs_of(const Tensor& t) {
   return {p, p + t.numel()};
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 struct Plan {
   Tensor positions;  // (N, K) i32

@@ -18,15 +18,7 @@ using testing::expect_close;
 using testing::random_tensor;
 using testing::to_double;
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 // x (B, T, H, D): pair (i, i + D/2) rotated by t * theta^(-2i/D).
 std::vector<double> ref_rope(const std::vector<double>& x, const Shape& s, double theta) {

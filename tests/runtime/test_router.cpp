@@ -366,15 +366,7 @@ TEST(RouterLosses, NoTokensGiveZeroLoss) {
 
 // ---- validation -----------------------------------------------------------------------------------
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 TEST(RouterValidation, MessagesNameOpAndShapes) {
   const Tensor logits = random_tensor({7, 4}, 1);

@@ -17,15 +17,7 @@ using testing::expect_close;
 using testing::random_tensor;
 using testing::to_double;
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 std::vector<double> ref_swiglu(const std::vector<double>& gate, const std::vector<double>& up) {
   std::vector<double> out(gate.size());
