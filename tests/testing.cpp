@@ -1,6 +1,10 @@
 #include "tests/testing.h"
 
+#include <sys/wait.h>
+
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -153,6 +157,17 @@ Tensor read_npy(const std::string& path) {
   f.read(static_cast<char*>(t.raw_data()), static_cast<std::streamsize>(t.nbytes()));
   MOE_CHECK(f.good(), "read_npy: {} is truncated", path);
   return t;
+}
+
+CommandResult run_command(const std::string& command) {
+  CommandResult r;
+  std::FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) return r;
+  std::array<char, 4096> buf{};
+  for (size_t n; (n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0;) r.output.append(buf.data(), n);
+  const int status = pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
 }
 
 std::string source_path(const std::string& relative) {

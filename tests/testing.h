@@ -61,6 +61,14 @@ std::string error_of(F&& f) {
   return "<no error>";
 }
 
+// Runs a shell command; its exit code (-1 if it did not exit normally) and what it printed on
+// stdout (append 2>&1 to the command to capture stderr too).
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;
+};
+CommandResult run_command(const std::string& command);
+
 // Path of a file in the source tree (MOEFORGE_SOURCE_DIR is set by ctest).
 std::string source_path(const std::string& relative);
 

@@ -19,25 +19,13 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct JobResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
-
 // Runs `mpirun -np N moeforge ARGS` (bounded by `timeout` so a hang fails instead of blocking).
-JobResult mpirun(int ranks, const std::string& args) {
+testing::CommandResult mpirun(int ranks, const std::string& args) {
   const char* bin = std::getenv("MOEFORGE_BIN");
   const std::string cmd = "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 timeout 120 mpirun -np " +
                           std::to_string(ranks) + " --oversubscribe " + (bin ? bin : "moeforge") + " " + args +
                           " 2>&1";
-  JobResult r;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  if (!pipe) return r;
-  std::array<char, 4096> buf{};
-  while (fgets(buf.data(), buf.size(), pipe)) r.output += buf.data();
-  const int status = pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return testing::run_command(cmd);
 }
 
 int count(const std::string& text, const std::string& needle) {
@@ -49,21 +37,21 @@ int count(const std::string& text, const std::string& needle) {
 const std::string kConfig = testing::source_path("configs/tiny.pbtxt");
 
 TEST(LaunchMpi, WorldSizeNotDivisibleByLayoutIsOneMessageFromRankZero) {
-  const JobResult r = mpirun(3, "train --config " + kConfig + " --set parallel.tp=2 --set data.train=/nonexistent");
+  const testing::CommandResult r = mpirun(3, "train --config " + kConfig + " --set parallel.tp=2 --set data.train=/nonexistent");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_EQ(count(r.output, "moeforge: config error:"), 1) << r.output;
   EXPECT_NE(r.output.find("--set parallel.tp=2: parallel.tp: parallel.tp * parallel.pp = 2 * 1 = 2 does not divide the world size 3"), std::string::npos) << r.output;
 }
 
 TEST(LaunchMpi, HeadsNotDivisibleByTpIsOneMessageFromRankZero) {
-  const JobResult r = mpirun(3, "train --config " + kConfig + " --set parallel.tp=3 --set data.train=/nonexistent");
+  const testing::CommandResult r = mpirun(3, "train --config " + kConfig + " --set parallel.tp=3 --set data.train=/nonexistent");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_EQ(count(r.output, "moeforge: config error:"), 1) << r.output;
   EXPECT_NE(r.output.find("parallel.tp: 3 does not divide model.n_heads = 4"), std::string::npos) << r.output;
 }
 
 TEST(LaunchMpi, MissingDataAbortsEveryRank) {
-  const JobResult r = mpirun(2, "train --config " + kConfig + " --set data.train=/nonexistent/train --set data.val=");
+  const testing::CommandResult r = mpirun(2, "train --config " + kConfig + " --set data.train=/nonexistent/train --set data.val=");
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("/nonexistent/train"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("moeforge: rank "), std::string::npos) << r.output;
@@ -79,8 +67,8 @@ TEST(LaunchMpi, TwoRanksTrainLikeOneProcess) {
                              " --set data.val=" + (dir / "val").string() +
                              " --set train.steps=3 --set optim.warmup_steps=1 --set train.log_every=1"
                              " --set train.seq_len=64 --set train.sample_tokens=16 --set train.eval_batches=2";
-  const JobResult one = mpirun(1, common + " --set logging.dir=" + (dir / "one").string());
-  const JobResult two = mpirun(2, common + " --set parallel.tp=2 --set logging.dir=" + (dir / "two").string());
+  const testing::CommandResult one = mpirun(1, common + " --set logging.dir=" + (dir / "one").string());
+  const testing::CommandResult two = mpirun(2, common + " --set parallel.tp=2 --set logging.dir=" + (dir / "two").string());
   ASSERT_EQ(one.exit_code, 0) << one.output;
   ASSERT_EQ(two.exit_code, 0) << two.output;
   // Rank 0 alone prints: one line per step, one validation line, one sample.

@@ -262,15 +262,10 @@ TEST_F(MetricsFiles, TensorBoardReadsWhatJsonlHolds) {
       fmt::format("'{}' '{}' --logdir '{}' --jsonl '{}' --expect-scalars {} 2>&1", python.string(),
                   testing::source_path("tests/launch/tb_readback.py"), (dir_ / "tb").string(),
                   (dir_ / "metrics.jsonl").string(), n_scalars);
-  std::FILE* pipe = popen(cmd.c_str(), "r");
-  ASSERT_NE(pipe, nullptr) << cmd;
-  std::string output;
-  std::array<char, 4096> buf;
-  for (size_t n; (n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0;) output.append(buf.data(), n);
-  const int status = pclose(pipe);
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << cmd << "\n" << output;
-  EXPECT_NE(output.find("tb_readback: OK"), std::string::npos) << output;
-  std::printf("%s", output.c_str());
+  const testing::CommandResult r = testing::run_command(cmd);
+  ASSERT_EQ(r.exit_code, 0) << cmd << "\n" << r.output;
+  EXPECT_NE(r.output.find("tb_readback: OK"), std::string::npos) << r.output;
+  std::printf("%s", r.output.c_str());
 }
 
 TEST_F(MetricsFiles, DestructionFlushes) {
