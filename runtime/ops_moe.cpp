@@ -197,16 +197,23 @@ void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& 
   MOE_DISPATCH(moe_permute_bwd, dev, dout, positions, dx);
 }
 
-void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& out) {
-  constexpr std::string_view op = "moe_unpermute_fwd";
-  const Device dev =
-      check_same_device(op, {{"y", y}, {"positions", positions}, {"weights", weights}, {"out", out}});
+namespace {
+// The inputs both unpermute ops share: y (M, C) expert outputs, positions and weights (N, K).
+void check_combine_inputs(std::string_view op, const Tensor& y, const Tensor& positions, const Tensor& weights) {
   check_positions(op, positions);
   check_dtype(op, {"weights", weights}, DType::kF32);
   check_same_shape(op, {"weights", weights}, {"positions", positions});
   check_dtype(op, {"y", y}, DType::kF32);
   check_ndim(op, {"y", y}, 2);
   check_shape(op, {"y", y}, Shape{positions.numel(), y.dim(1)}, {"positions", positions});
+}
+}  // namespace
+
+void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& out) {
+  constexpr std::string_view op = "moe_unpermute_fwd";
+  const Device dev =
+      check_same_device(op, {{"y", y}, {"positions", positions}, {"weights", weights}, {"out", out}});
+  check_combine_inputs(op, y, positions, weights);
   check_dtype(op, {"out", out}, DType::kF32);
   check_shape(op, {"out", out}, Shape{positions.dim(0), y.dim(1)}, {"y", y});
   MOE_DISPATCH(moe_unpermute_fwd, dev, y, positions, weights, out);
@@ -217,12 +224,7 @@ void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& w
   constexpr std::string_view op = "moe_unpermute_bwd";
   const Device dev = check_same_device(op, {{"y", y}, {"positions", positions}, {"weights", weights},
                                             {"dout", dout}, {"dy", dy}, {"dweights", dweights}});
-  check_positions(op, positions);
-  check_dtype(op, {"weights", weights}, DType::kF32);
-  check_same_shape(op, {"weights", weights}, {"positions", positions});
-  check_dtype(op, {"y", y}, DType::kF32);
-  check_ndim(op, {"y", y}, 2);
-  check_shape(op, {"y", y}, Shape{positions.numel(), y.dim(1)}, {"positions", positions});
+  check_combine_inputs(op, y, positions, weights);
   check_dtype(op, {"dout", dout}, DType::kF32);
   check_shape(op, {"dout", dout}, Shape{positions.dim(0), y.dim(1)}, {"y", y});
   check_dtype(op, {"dy", dy}, DType::kF32);
