@@ -360,6 +360,8 @@ class Validator {
     positive("model.norm_eps", m.norm_eps());
     non_negative("model.aux_loss_coef", m.aux_loss_coef());
     non_negative("model.z_loss_coef", m.z_loss_coef());
+    non_negative("model.capacity_factor", m.capacity_factor());
+    non_negative("model.expert_bias_update_rate", m.expert_bias_update_rate());
     positive("model.init_std", m.init_std());
     positive("model.max_seq_len", m.max_seq_len());
   }
@@ -554,6 +556,8 @@ ModelConfig model_config_from(const config::RunConfig& run) {
   m.z_loss_coef = p.z_loss_coef();
   m.init_std = p.init_std();
   m.recompute = p.recompute();
+  m.capacity_factor = p.capacity_factor();
+  m.expert_bias_update_rate = p.expert_bias_update_rate();
   return m;
 }
 

@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -27,6 +28,25 @@ std::string format_duration(double seconds) {
   const int64_t s = static_cast<int64_t>(seconds + 0.5);
   if (s >= 3600) return fmt::format("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60);
   return fmt::format("{:02}:{:02}", s / 60, s % 60);
+}
+
+// Per layer: load (L, E+1) i64 = copies per expert, then dropped copies.
+std::vector<MoeLayerLoad> summarize_load(const Tensor& load) {
+  const int64_t L = load.dim(0), E = load.dim(1) - 1;
+  std::vector<MoeLayerLoad> out(static_cast<size_t>(L));
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t* c = load.data<int64_t>() + i * (E + 1);
+    MoeLayerLoad& l = out[static_cast<size_t>(i)];
+    l.min_tokens = *std::min_element(c, c + E);
+    l.max_tokens = *std::max_element(c, c + E);
+    double sum = 0.0, sq = 0.0;
+    for (int64_t e = 0; e < E; ++e) sum += static_cast<double>(c[e]);
+    const double mean = sum / static_cast<double>(E);
+    for (int64_t e = 0; e < E; ++e) sq += (static_cast<double>(c[e]) - mean) * (static_cast<double>(c[e]) - mean);
+    l.cv = mean > 0.0 ? std::sqrt(sq / static_cast<double>(E)) / mean : 0.0;
+    l.dropped_fraction = sum > 0.0 ? static_cast<double>(c[E]) / sum : 0.0;
+  }
+  return out;
 }
 
 std::string format_rate(double tokens_per_s) {
@@ -101,10 +121,13 @@ StepMetrics Trainer::step() {
   model_->registry().zero_grad();
   const data::SampleRange range = data::dp_slice(step_, t.global_batch(), dp, grid_.dp().rank());
   double sums[4] = {0.0, 0.0, 0.0, 0.0};  // loss, ce, aux, z summed over this rank's micro-batches
+  const ModelConfig& mc = model_->config();
+  const Tensor load = Tensor::zeros({mc.n_layers, mc.n_experts + 1}, DType::kI64);  // summed over micro-batches
   for (int64_t mb = 0; mb < micro_batches; ++mb) {
     train_sampler_->fill_batch(range.first + static_cast<uint64_t>(mb * t.micro_batch()), t.micro_batch(), tokens_,
                                targets_);
     const LossReport r = model_->forward(tokens_, targets_);
+    for (int64_t i = 0; i < load.numel(); ++i) load.data<int64_t>()[i] += model_->last_load().data<int64_t>()[i];
     model_->backward(1.0f / static_cast<float>(micro_batches));
     sums[0] += r.loss;
     sums[1] += r.ce;
@@ -115,6 +138,9 @@ StepMetrics Trainer::step() {
   optimizer_->reduce_gradients();
   m.grad_norm = optimizer_->clip_grad_norm(run_.optim().grad_clip());
   optimizer_->step(static_cast<float>(m.lr));
+  grid_.dp().all_reduce(load);  // the global batch's loads, on every rank
+  model_->update_expert_bias(load);
+  m.moe = summarize_load(load);
 
   // The reported losses are means over every micro-batch of the global batch.
   const Tensor totals = Tensor::from_floats({4}, std::vector<float>{static_cast<float>(sums[0]), static_cast<float>(sums[1]),
@@ -170,7 +196,23 @@ std::string Trainer::format_step_line(const StepMetrics& m, double elapsed_s) co
                      m.grad_norm, format_rate(m.tokens_per_s), format_duration(elapsed_s), format_duration(eta));
 }
 
-void Trainer::run() {
+std::string Trainer::format_moe_line(const StepMetrics& m) {
+  std::string line = "  moe tokens/expert min/max/cv, dropped:";
+  for (size_t i = 0; i < m.moe.size(); ++i) {
+    const MoeLayerLoad& l = m.moe[i];
+    line += fmt::format(" L{} {}/{}/{:.2f} {:.1f}%", i, l.min_tokens, l.max_tokens, l.cv, 100.0 * l.dropped_fraction);
+  }
+  return line;
+}
+
+void Trainer::restore_position(int64_t steps) {
+  MOE_CHECK(steps >= 0 && steps <= run_.train().steps(), "resume: step {} is outside [0, train.steps = {}]", steps,
+            run_.train().steps());
+  step_ = steps;
+  next_sample_ = static_cast<uint64_t>(step_ * run_.train().global_batch());
+}
+
+void Trainer::run(const StepHook& after_step) {
   const auto& t = run_.train();
   const bool root = grid_.world_rank() == 0;
   const ModelConfig& mc = model_->config();
@@ -199,10 +241,17 @@ void Trainer::run() {
     const bool last = m.step == t.steps();
     std::map<std::string, double> scalars;
     if (m.step % t.log_every() == 0 || last || m.step == 1) {
-      if (root) fmt::print("{}\n", format_step_line(m, elapsed));
+      if (root) fmt::print("{}\n{}\n", format_step_line(m, elapsed), format_moe_line(m));
       scalars = {{"train/loss", m.loss.loss}, {"train/ce", m.loss.ce},      {"train/aux", m.loss.aux},
                  {"train/z", m.loss.z},       {"train/lr", m.lr},           {"train/grad_norm", m.grad_norm},
                  {"train/tokens_per_s", m.tokens_per_s}, {"train/elapsed_s", elapsed}};
+      for (size_t i = 0; i < m.moe.size(); ++i) {
+        const std::string p = fmt::format("moe/layer{}/", i);
+        scalars[p + "tokens_min"] = static_cast<double>(m.moe[i].min_tokens);
+        scalars[p + "tokens_max"] = static_cast<double>(m.moe[i].max_tokens);
+        scalars[p + "tokens_cv"] = m.moe[i].cv;
+        scalars[p + "dropped_fraction"] = m.moe[i].dropped_fraction;
+      }
     }
     if ((t.eval_every() > 0 && m.step % t.eval_every() == 0) || last) {
       const double val = evaluate();
@@ -217,6 +266,7 @@ void Trainer::run() {
     }
     if (metrics_ && !scalars.empty()) metrics_->log(m.step, unix_time(), scalars);
     std::fflush(stdout);
+    if (after_step && after_step(m)) return;
   }
   if (root && rate_steps > 0) {
     fmt::print("moeforge: trained {} steps, mean {} tok/s\n", step_, format_rate(tokens_per_s_sum / static_cast<double>(rate_steps)));

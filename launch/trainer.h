@@ -10,6 +10,11 @@
 // 0 prints one line and appends the same metrics to metrics.jsonl and the TensorBoard events in
 // logging.dir; every eval_every steps (and at the end) it measures the validation loss on a fixed
 // set of validation samples; at the end it prints a sample continuation of train.sample_prompt.
+//
+// MoE telemetry: each step sums the layers' expert loads (copies per expert, copies dropped) over
+// the micro-batches and the DP ranks, so every rank holds the global batch's loads; they feed the
+// aux-loss-free bias update and, on logged steps, a console line and per-layer scalars
+// (moe/layer{i}/tokens_min, tokens_max, tokens_cv, dropped_fraction).
 #pragma once
 
 #include <chrono>
@@ -17,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "configs/moeforge.pb.h"
 #include "data/sampler.h"
@@ -28,6 +34,13 @@
 
 namespace moeforge {
 
+// One MoE layer's expert load over a step's global batch.
+struct MoeLayerLoad {
+  int64_t min_tokens = 0, max_tokens = 0;  // token copies routed to the least / most loaded expert
+  double cv = 0.0;                         // coefficient of variation of the copies per expert
+  double dropped_fraction = 0.0;           // copies dropped by the capacity / copies routed
+};
+
 struct StepMetrics {
   int64_t step = 0;  // 1-based number of the step just taken
   LossReport loss;   // averaged over the micro-batches
@@ -35,6 +48,7 @@ struct StepMetrics {
   double grad_norm = 0.0;  // before clipping
   double tokens_per_s = 0.0;
   double step_seconds = 0.0;
+  std::vector<MoeLayerLoad> moe;  // per layer, the same on every rank
 };
 
 class Trainer {
@@ -43,7 +57,10 @@ class Trainer {
   Trainer(const config::RunConfig& run, const ProcessGrid& grid);
 
   // Runs train.steps steps with evaluation, logging and the final sample.
-  void run();
+  // after_step, when given, runs after each step's logging and evaluation (checkpointing,
+  // preemption); returning true stops the run there, without the final sample.
+  using StepHook = std::function<bool(const StepMetrics&)>;
+  void run(const StepHook& after_step = {});
 
   // One optimizer step on the next global batch; advances the data position.
   StepMetrics step();
@@ -57,9 +74,13 @@ class Trainer {
   int64_t steps_done() const { return step_; }
   // The next global sample index of the training stream (the whole data position).
   uint64_t data_position() const { return next_sample_; }
+  DistributedOptimizer& optimizer() { return *optimizer_; }
+  // Resume: continue after `steps` completed steps (the data position follows from it).
+  void restore_position(int64_t steps);
 
  private:
   std::string format_step_line(const StepMetrics& m, double elapsed_s) const;
+  static std::string format_moe_line(const StepMetrics& m);
 
   config::RunConfig run_;
   std::unique_ptr<data::TokenDataset> train_data_;

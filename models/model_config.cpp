@@ -1,5 +1,7 @@
 #include "models/model_config.h"
 
+#include <cmath>
+
 namespace moeforge {
 
 void ModelConfig::validate() const {
@@ -20,6 +22,10 @@ void ModelConfig::validate() const {
   MOE_CHECK(norm_eps > 0.0f, "model.norm_eps must be positive, got {}", norm_eps);
   MOE_CHECK(aux_loss_coef >= 0.0f, "model.aux_loss_coef must be >= 0, got {}", aux_loss_coef);
   MOE_CHECK(z_loss_coef >= 0.0f, "model.z_loss_coef must be >= 0, got {}", z_loss_coef);
+  MOE_CHECK(capacity_factor >= 0.0f && std::isfinite(capacity_factor),
+            "model.capacity_factor must be finite and >= 0, got {}", capacity_factor);
+  MOE_CHECK(expert_bias_update_rate >= 0.0f && std::isfinite(expert_bias_update_rate),
+            "model.expert_bias_update_rate must be finite and >= 0, got {}", expert_bias_update_rate);
   MOE_CHECK(init_std > 0.0f, "model.init_std must be positive, got {}", init_std);
 }
 

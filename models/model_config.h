@@ -27,6 +27,8 @@ struct ModelConfig {
   float z_loss_coef = 0.0f;     // weight of the summed per-layer router z-losses
   float init_std = 0.02f;
   bool recompute = false;       // per-layer activation recomputation
+  float capacity_factor = 0.0f;          // > 0: capacity mode (configs/moeforge.proto); 0: dropless
+  float expert_bias_update_rate = 0.0f;  // > 0: aux-loss-free balancing bias, updated per step
 
   // Throws moeforge::Error naming the first inconsistent field.
   void validate() const;

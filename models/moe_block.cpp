@@ -1,17 +1,23 @@
 #include "models/moe_block.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
 
 namespace moeforge {
 
-MoeBlock::MoeBlock(const ModelConfig& cfg, ParamRegistry& reg, Comm& tp, int layer) : cfg_(cfg), tp_(tp) {
+MoeBlock::MoeBlock(const ModelConfig& cfg, ParamRegistry& reg, const ProcessGrid& grid, int layer)
+    : cfg_(cfg), tp_(grid.tp()), ep_(grid.ep()) {
   const std::string p = fmt::format("layers.{}.", layer);
   const int64_t C = cfg.dim, E = cfg.n_experts, F = cfg.expert_hidden;
   const float out_std = cfg.init_std / std::sqrt(2.0f * static_cast<float>(cfg.n_layers));
   norm_ = &reg.add({.name = p + "moe_norm.weight", .global_shape = {C}, .init = ParamInit::kOnes, .weight_decay = false});
   router_ = &reg.add({.name = p + "moe.router", .global_shape = {E, C}, .init_std = cfg.init_std});
+  if (cfg.expert_bias_update_rate > 0.0f) {
+    bias_ = &reg.add({.name = p + "moe.expert_bias", .global_shape = {E}, .init = ParamInit::kZeros,
+                      .weight_decay = false, .trainable = false});
+  }
   w1_ = &reg.add({.name = p + "moe.experts.w1", .global_shape = {E, F, C}, .shard_dim = 0,
                   .shard_group = ShardGroup::kEP, .expert = true, .init_std = cfg.init_std});
   w3_ = &reg.add({.name = p + "moe.experts.w3", .global_shape = {E, F, C}, .shard_dim = 0,
@@ -20,7 +26,7 @@ MoeBlock::MoeBlock(const ModelConfig& cfg, ParamRegistry& reg, Comm& tp, int lay
                   .shard_group = ShardGroup::kEP, .expert = true, .init_std = out_std});
   if (cfg.n_shared_experts > 0) {
     const int64_t SF = cfg.n_shared_experts * F;
-    // Whole on every rank, like the routed experts: they run on this rank's token rows.
+    // Whole on every rank: they run on this rank's token rows.
     s_w1_ = &reg.add({.name = p + "moe.shared.w1", .global_shape = {SF, C}, .init_std = cfg.init_std});
     s_w3_ = &reg.add({.name = p + "moe.shared.w3", .global_shape = {SF, C}, .init_std = cfg.init_std});
     s_w2_ = &reg.add({.name = p + "moe.shared.w2", .global_shape = {C, SF}, .init_std = out_std});
@@ -31,9 +37,51 @@ namespace {
 double scalar(const Tensor& t) { return static_cast<double>(t.to_floats().at(0)); }
 }  // namespace
 
+Tensor MoeBlock::apply_capacity(MoeActs& a) const {
+  const int64_t N = a.experts.dim(0), K = cfg_.top_k, E = cfg_.n_experts;
+  const int tp = tp_.size(), me = tp_.rank();
+  // counts (tp, K, E): copies per (slot, expert) of every TP rank's rows.
+  const Tensor mine = Tensor::zeros({K, E}, DType::kI64);
+  const int32_t* ex = a.experts.data<int32_t>();
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) ++mine.data<int64_t>()[k * E + ex[n * K + k]];
+  Tensor all = mine;
+  if (tp > 1) {
+    all = Tensor::empty({tp * K, E}, DType::kI64);
+    tp_.all_gather(mine, all);
+  }
+  const int64_t* c = all.data<int64_t>();
+  const auto count = [&](int r, int64_t k, int64_t e) { return c[(r * K + k) * E + e]; };
+  // base[k, e]: copies of e ranked before this rank's slot-k copies (earlier slots of every rank,
+  // then slot k of lower TP ranks).
+  const Tensor base = Tensor::zeros({K, E}, DType::kI64);
+  a.counts = Tensor::zeros({E}, DType::kI64);
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t before = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t slot_total = 0, lower = 0;
+      for (int r = 0; r < tp; ++r) {
+        slot_total += count(r, k, e);
+        if (r < me) lower += count(r, k, e);
+      }
+      base.data<int64_t>()[k * E + e] = before + lower;
+      before += slot_total;
+    }
+    a.counts.data<int64_t>()[e] = before;
+  }
+  const double exact = static_cast<double>(cfg_.capacity_factor) * static_cast<double>(a.tokens * K) /
+                       static_cast<double>(E);
+  const auto capacity = static_cast<int64_t>(std::ceil(exact));
+  a.dropped = 0;
+  for (int64_t e = 0; e < E; ++e) a.dropped += std::max<int64_t>(0, a.counts.data<int64_t>()[e] - capacity);
+  const Tensor dispatch = Tensor::empty({N, K}, DType::kI32);
+  ops::moe_apply_capacity(a.experts, capacity, base, dispatch);
+  return dispatch;
+}
+
 void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) const {
   const int64_t N = h_in.dim(0), C = cfg_.dim;
-  const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden, M = N * K;
+  const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden;
   a.h_in = h_in;
   a.xn = Tensor::empty({N, C}, DType::kF32);
   a.rstd = Tensor::empty({N}, DType::kF32);
@@ -45,15 +93,20 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   a.weights = Tensor::empty({N, K}, DType::kF32);
   a.experts = Tensor::empty({N, K}, DType::kI32);
   a.probs = Tensor::empty({N, E}, DType::kF32);
-  ops::router_fwd(a.logits, cfg_.gating, static_cast<int>(K), Tensor(), a.weights, a.experts, a.probs);
-  a.positions = Tensor::empty({N, K}, DType::kI32);
-  a.offsets = Tensor::empty({E + 1}, DType::kI64);
-  ops::moe_plan(a.experts, static_cast<int>(E), a.positions, a.offsets);
-  a.counts = Tensor::empty({E}, DType::kI64);
-  for (int64_t e = 0; e < E; ++e)
-    a.counts.data<int64_t>()[e] = a.offsets.data<int64_t>()[e + 1] - a.offsets.data<int64_t>()[e];
-  tp_.all_reduce(a.counts);
+  ops::router_fwd(a.logits, cfg_.gating, static_cast<int>(K), bias_ ? bias_->value : Tensor(), a.weights, a.experts,
+                  a.probs);
   a.tokens = N * tp_.size();
+  const Tensor dispatch = cfg_.capacity_factor > 0.0f ? apply_capacity(a) : a.experts;
+  a.positions = Tensor::empty({N, K}, DType::kI32);
+  const Tensor offsets = Tensor::empty({E + 1}, DType::kI64);
+  ops::moe_plan(dispatch, static_cast<int>(E), a.positions, offsets);
+  if (cfg_.capacity_factor <= 0.0f) {  // dropless: the plan's counts, summed over the micro-batch
+    a.counts = Tensor::empty({E}, DType::kI64);
+    for (int64_t e = 0; e < E; ++e)
+      a.counts.data<int64_t>()[e] = offsets.data<int64_t>()[e + 1] - offsets.data<int64_t>()[e];
+    tp_.all_reduce(a.counts);
+    a.dropped = 0;
+  }
 
   const Tensor loss = Tensor::empty({1}, DType::kF32);
   ops::moe_aux_loss_fwd(a.probs, a.counts, static_cast<int>(K), a.tokens, loss);
@@ -61,17 +114,21 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   ops::router_z_loss_fwd(a.logits, a.tokens, loss);
   a.z = scalar(loss);
 
-  // Routed experts.
-  a.xp = Tensor::empty({M, C}, DType::kF32);
-  ops::moe_permute_fwd(a.xn, a.positions, a.xp);
-  a.gate = Tensor::empty({M, F}, DType::kF32);
-  a.up = Tensor::empty({M, F}, DType::kF32);
-  a.act = Tensor::empty({M, F}, DType::kF32);
-  a.y = Tensor::empty({M, C}, DType::kF32);
-  ops::grouped_gemm_fwd(a.xp, w1_->value, a.offsets, a.gate);
-  ops::grouped_gemm_fwd(a.xp, w3_->value, a.offsets, a.up);
+  // Routed experts: permute, dispatch over EP, grouped SwiGLU, bring back, combine.
+  const Tensor xp = Tensor::empty({offsets.data<int64_t>()[E], C}, DType::kF32);
+  ops::moe_permute_fwd(a.xn, a.positions, xp);
+  a.plan = plan_dispatch(ep_, offsets);
+  a.xl = to_experts(ep_, a.plan, xp);
+  const int64_t R = a.xl.dim(0);
+  a.gate = Tensor::empty({R, F}, DType::kF32);
+  a.up = Tensor::empty({R, F}, DType::kF32);
+  a.act = Tensor::empty({R, F}, DType::kF32);
+  const Tensor yl = Tensor::empty({R, C}, DType::kF32);
+  ops::grouped_gemm_fwd(a.xl, w1_->value, a.plan.local_offsets, a.gate);
+  ops::grouped_gemm_fwd(a.xl, w3_->value, a.plan.local_offsets, a.up);
   ops::swiglu_fwd(a.gate, a.up, a.act);
-  ops::grouped_gemm_fwd(a.act, w2_->value, a.offsets, a.y);
+  ops::grouped_gemm_fwd(a.act, w2_->value, a.plan.local_offsets, yl);
+  a.y = from_experts(ep_, a.plan, yl);
 
   const Tensor& out = h_out;
   ops::moe_unpermute_fwd(a.y, a.positions, a.weights, out);
@@ -91,27 +148,30 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
 
 void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs& a, float loss_scale) const {
   const int64_t N = a.xn.dim(0), C = cfg_.dim;
-  const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden, M = N * K;
+  const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden;
+  const int64_t R = a.xl.dim(0);
   const Tensor& dy_out = dh_out;
   const Tensor dxn = Tensor::empty({N, C}, DType::kF32);
 
-  // Combine: out = sum_k w[n,k] y[pos(n,k)].
-  const Tensor dy = Tensor::empty({M, C}, DType::kF32);
+  // Combine: out = sum_k w[n,k] y[pos(n,k)] over the kept copies.
+  const Tensor dy = Tensor::empty(a.y.shape(), DType::kF32);
   const Tensor dweights = Tensor::empty({N, K}, DType::kF32);
   ops::moe_unpermute_bwd(a.y, a.positions, a.weights, dy_out, dy, dweights);
 
-  // Experts, in reverse: y = act · w2ᵀ, act = swiglu(gate, up), gate = xp · w1ᵀ, up = xp · w3ᵀ.
-  const Tensor dact = Tensor::empty({M, F}, DType::kF32);
-  ops::grouped_gemm_bwd(a.act, w2_->value, a.offsets, dy, dact, w2_->grad);
-  const Tensor dgate = Tensor::empty({M, F}, DType::kF32);
-  const Tensor dup = Tensor::empty({M, F}, DType::kF32);
+  // Experts, in reverse: y = act · w2ᵀ, act = swiglu(gate, up), gate = xl · w1ᵀ, up = xl · w3ᵀ,
+  // with the EP exchange transposed around them.
+  const Tensor dyl = to_experts(ep_, a.plan, dy);
+  const Tensor dact = Tensor::empty({R, F}, DType::kF32);
+  ops::grouped_gemm_bwd(a.act, w2_->value, a.plan.local_offsets, dyl, dact, w2_->grad);
+  const Tensor dgate = Tensor::empty({R, F}, DType::kF32);
+  const Tensor dup = Tensor::empty({R, F}, DType::kF32);
   ops::swiglu_bwd(a.gate, a.up, dact, dgate, dup);
-  const Tensor dxp = Tensor::empty({M, C}, DType::kF32);
-  const Tensor dxp_up = Tensor::empty({M, C}, DType::kF32);
-  ops::grouped_gemm_bwd(a.xp, w1_->value, a.offsets, dgate, dxp, w1_->grad);
-  ops::grouped_gemm_bwd(a.xp, w3_->value, a.offsets, dup, dxp_up, w3_->grad);
-  ops::add_(dxp, dxp_up);
-  ops::moe_permute_bwd(dxp, a.positions, dxn);
+  const Tensor dxl = Tensor::empty({R, C}, DType::kF32);
+  const Tensor dxl_up = Tensor::empty({R, C}, DType::kF32);
+  ops::grouped_gemm_bwd(a.xl, w1_->value, a.plan.local_offsets, dgate, dxl, w1_->grad);
+  ops::grouped_gemm_bwd(a.xl, w3_->value, a.plan.local_offsets, dup, dxl_up, w3_->grad);
+  ops::add_(dxl, dxl_up);
+  ops::moe_permute_bwd(from_experts(ep_, a.plan, dxl), a.positions, dxn);
 
   // Router: the combine weights' gradient, the aux loss through probs, the z-loss on logits.
   Tensor dprobs;  // undefined when the aux loss is off: router_bwd then skips that path
@@ -141,6 +201,19 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
 
   ops::rmsnorm_bwd(a.h_in, norm_->value, a.rstd, dxn, dh_in, norm_->grad);
   ops::add_(dh_in, dy_out);
+}
+
+void MoeBlock::update_bias(const int64_t* load) {
+  if (!bias_) return;
+  const int64_t E = cfg_.n_experts;
+  double mean = 0.0;
+  for (int64_t e = 0; e < E; ++e) mean += static_cast<double>(load[e]);
+  mean /= static_cast<double>(E);
+  float* b = bias_->value.data<float>();
+  for (int64_t e = 0; e < E; ++e) {
+    const double err = mean - static_cast<double>(load[e]);
+    b[e] += cfg_.expert_bias_update_rate * static_cast<float>((err > 0.0) - (err < 0.0));
+  }
 }
 
 }  // namespace moeforge

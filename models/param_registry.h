@@ -39,6 +39,9 @@ struct ParamSpec {
   // rounded up to a multiple of tp). They are never read by the model; checkpoints, exports and
   // layout comparisons skip them.
   int64_t padded_rows = 0;
+  // False for state the model updates itself rather than by gradient (the aux-loss-free expert
+  // bias): no optimizer state, no gradient reduction, not in the grad norm; checkpoints keep it.
+  bool trainable = true;
 };
 
 // This rank's coordinates in the groups parameters are split over.

@@ -7,7 +7,7 @@
 namespace moeforge {
 
 namespace {
-ShardLayout shard_layout(const ProcessGrid& g) { return {g.tp().size(), g.tp().rank(), 1, 0}; }
+ShardLayout shard_layout(const ProcessGrid& g) { return {g.tp().size(), g.tp().rank(), g.ep().size(), g.ep().rank()}; }
 }  // namespace
 
 MoeTransformer::MoeTransformer(const ModelConfig& cfg, const ProcessGrid& grid)
@@ -23,7 +23,7 @@ MoeTransformer::MoeTransformer(const ModelConfig& cfg, const ProcessGrid& grid)
   moe_.reserve(static_cast<size_t>(cfg_.n_layers));
   for (int i = 0; i < cfg_.n_layers; ++i) {
     attn_.emplace_back(cfg_, registry_, grid_.tp(), i);
-    moe_.emplace_back(cfg_, registry_, grid_.tp(), i);
+    moe_.emplace_back(cfg_, registry_, grid_, i);
   }
   final_norm_ = &registry_.add(
       {.name = "final_norm.weight", .global_shape = {C}, .init = ParamInit::kOnes, .weight_decay = false});
@@ -69,12 +69,17 @@ Tensor MoeTransformer::run_trunk(const Tensor& tokens, double& aux, double& z) {
   aux = 0.0;
   z = 0.0;
   acts_.assign(static_cast<size_t>(cfg_.n_layers), {});
+  const int64_t E = cfg_.n_experts;
+  last_load_ = Tensor::empty({cfg_.n_layers, E + 1}, DType::kI64);
   for (int i = 0; i < cfg_.n_layers; ++i) {
     LayerActs& a = acts_[static_cast<size_t>(i)];
     const Tensor h_next = Tensor::empty({Nl, C}, DType::kF32);
     layer_forward(i, h, h_next, a);
     aux += a.moe.aux;
     z += a.moe.z;
+    int64_t* load = last_load_.data<int64_t>() + i * (E + 1);
+    std::copy_n(a.moe.counts.data<int64_t>(), E, load);
+    load[E] = a.moe.dropped;
     if (cfg_.recompute) {  // keep only the input; backward re-runs the layer
       a = LayerActs{};
       a.h_in = h;
@@ -201,6 +206,13 @@ void MoeTransformer::backward(float loss_scale) {
   }
   ops::embedding_bwd(tokens_, gather_rows(tp, dh), embed_->grad, vocab_start(), cfg_.vocab_size);
   acts_.clear();
+}
+
+void MoeTransformer::update_expert_bias(const Tensor& load) {
+  const int64_t E = cfg_.n_experts;
+  MOE_CHECK(load.dtype() == DType::kI64 && load.shape() == Shape({cfg_.n_layers, E + 1}),
+            "MoeTransformer::update_expert_bias: load must be ({}, {}) i64, got {}", cfg_.n_layers, E + 1, load.str());
+  for (int i = 0; i < cfg_.n_layers; ++i) moe_[static_cast<size_t>(i)].update_bias(load.data<int64_t>() + i * (E + 1));
 }
 
 std::vector<Tensor> MoeTransformer::last_routing() const {

@@ -15,6 +15,9 @@
 // parallelism, parallel/sequence_parallel.h); attention is head-parallel (models/attention.h);
 // the MoE block runs whole experts on local rows (models/moe_block.h). Every rank reports the
 // same loss. With tp = 1 all of this reduces to the single-rank model.
+//
+// Expert parallelism (ep = grid.ep().size()): each MoE layer's experts are split over the EP group
+// and its tokens travel through the token dispatcher (models/moe_block.h); nothing else changes.
 #pragma once
 
 #include <vector>
@@ -57,6 +60,13 @@ class MoeTransformer {
   Tensor logits(const Tensor& tokens);
   // Per layer, the experts chosen for this rank's rows in the last forward(): (Nl, K) i32 each.
   std::vector<Tensor> last_routing() const;
+  // Expert load of the last forward(): (L, E+1) i64, row i = layer i's token copies routed to each
+  // expert over the whole micro-batch (before capacity drops), then the copies dropped. Every TP
+  // rank holds the same numbers.
+  const Tensor& last_load() const { return last_load_; }
+  // Aux-loss-free balancing: moves each layer's expert bias from load (L, E+1) i64 summed over
+  // the step's global batch (the same on every rank). No-op when the bias is off.
+  void update_expert_bias(const Tensor& load);
 
  private:
   struct LayerActs {
@@ -96,6 +106,7 @@ class MoeTransformer {
   Tensor f_;           // (N, C) normalised, all rows
   Tensor logits_;      // (N, Vl)
   Tensor lse_;         // (N)
+  Tensor last_load_;   // (L, E+1) i64
 };
 
 }  // namespace moeforge

@@ -46,7 +46,7 @@ AdamW::AdamW(ParamRegistry& registry, AdamWOptions options, const std::function<
   state_.reserve(registry.params().size());
   for (const Param& p : registry.params()) {
     index_.emplace(p.spec.name, state_.size());
-    const ElementRange r = owned ? owned(p) : ElementRange{0, p.value.numel()};
+    const ElementRange r = !p.spec.trainable ? ElementRange{} : owned ? owned(p) : ElementRange{0, p.value.numel()};
     MOE_CHECK(0 <= r.begin && r.begin <= r.end && r.end <= p.value.numel(),
               "AdamW: owned range [{}, {}) of {} is outside its {} elements", r.begin, r.end, p.spec.name,
               p.value.numel());

@@ -18,6 +18,7 @@
 // flattened local elements this rank updates ([0, numel) by default; an empty range is allowed).
 // State then covers only that range: for a whole parameter it has the parameter's shape, for a
 // part it is 1-D of the range's length, at owned_range(name).begin of the flattened parameter.
+// Non-trainable entries (ParamSpec::trainable false) own no elements.
 //
 // The registry must not gain parameters after the optimizer is built. step() reads the gradients
 // as they are (already accumulated, averaged and clipped by the caller) and does not zero them.

@@ -8,22 +8,73 @@
 
 namespace moeforge {
 
+void DistributedOptimizer::Flat::build(Comm& g) {
+  group = &g;
+  int64_t n = 0;
+  for (const Param* p : params) {
+    offset.push_back(n);
+    n += p->value.numel();
+  }
+  chunk = (n + g.size() - 1) / g.size();
+  size = chunk * g.size();
+  begin = chunk * g.rank();
+}
+
+void DistributedOptimizer::Flat::reduce_scatter(float scale) const {
+  if (params.empty() || group->size() == 1) {
+    for (Param* p : params) ops::scale_(p->grad, scale);
+    return;
+  }
+  const Tensor flat = Tensor::zeros({size}, DType::kF32);
+  for (size_t i = 0; i < params.size(); ++i)
+    std::memcpy(flat.data<float>() + offset[i], params[i]->grad.data<float>(), params[i]->grad.nbytes());
+  const Tensor mine = Tensor::empty({chunk}, DType::kF32);
+  group->reduce_scatter(flat, mine);
+  ops::scale_(mine, scale);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t lo = std::clamp(begin - offset[i], int64_t{0}, params[i]->grad.numel());
+    const int64_t hi = std::clamp(begin + chunk - offset[i], int64_t{0}, params[i]->grad.numel());
+    if (hi > lo)
+      std::memcpy(params[i]->grad.data<float>() + lo, mine.data<float>() + offset[i] + lo - begin,
+                  static_cast<size_t>(hi - lo) * sizeof(float));
+  }
+}
+
+void DistributedOptimizer::Flat::all_gather() const {
+  if (params.empty() || group->size() == 1) return;
+  const Tensor mine = Tensor::zeros({chunk}, DType::kF32);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t lo = std::clamp(begin - offset[i], int64_t{0}, params[i]->value.numel());
+    const int64_t hi = std::clamp(begin + chunk - offset[i], int64_t{0}, params[i]->value.numel());
+    if (hi > lo)
+      std::memcpy(mine.data<float>() + offset[i] + lo - begin, params[i]->value.data<float>() + lo,
+                  static_cast<size_t>(hi - lo) * sizeof(float));
+  }
+  const Tensor flat = Tensor::empty({size}, DType::kF32);
+  group->all_gather(mine, flat);
+  for (size_t i = 0; i < params.size(); ++i)
+    std::memcpy(params[i]->value.data<float>(), flat.data<float>() + offset[i], params[i]->value.nbytes());
+}
+
 DistributedOptimizer::DistributedOptimizer(ParamRegistry& registry, const ProcessGrid& grid, AdamWOptions options,
                                            int zero_stage, int64_t bucket_bytes)
     : registry_(registry), grid_(grid), zero_stage_(zero_stage), bucket_bytes_(bucket_bytes) {
   MOE_CHECK(zero_stage == 0 || zero_stage == 1, "parallel.zero_stage must be 0 or 1, got {}", zero_stage);
   MOE_CHECK(bucket_bytes > 0, "DistributedOptimizer: bucket_bytes must be positive, got {}", bucket_bytes);
-  int64_t offset = 0;
   for (Param& p : registry_.params()) {
-    (tp_partial(p) ? tp_whole_ : tp_split_).push_back(&p);
-    index_.emplace(&p, flat_offset_.size());
-    flat_offset_.push_back(offset);
-    offset += p.value.numel();
+    if (!p.spec.trainable) continue;
+    if (p.spec.expert) {
+      experts_.push_back(&p);
+      expert_flat_.params.push_back(&p);
+    } else {
+      (tp_partial(p) ? tp_whole_ : tp_split_).push_back(&p);
+      dense_flat_.params.push_back(&p);
+    }
   }
-  const int dp = grid_.dp().size();
-  chunk_ = (offset + dp - 1) / dp;
-  flat_size_ = chunk_ * dp;
-  chunk_begin_ = chunk_ * grid_.dp().rank();
+  dense_flat_.build(grid_.dp());
+  expert_flat_.build(grid_.expert_dp());
+  for (const Flat* f : {&dense_flat_, &expert_flat_})
+    for (size_t i = 0; i < f->params.size(); ++i) flat_index_.emplace(f->params[i], std::pair{f, i});
   if (zero_stage_ == 1) {
     adamw_ = std::make_unique<AdamW>(registry_, options, [this](const Param& p) { return owned(p); });
   } else {
@@ -32,12 +83,19 @@ DistributedOptimizer::DistributedOptimizer(ParamRegistry& registry, const Proces
 }
 
 bool DistributedOptimizer::tp_partial(const Param& p) const {
-  return grid_.tp().size() > 1 && p.spec.shard_group != ShardGroup::kTP;
+  return grid_.tp().size() > 1 && p.spec.shard_group != ShardGroup::kTP && !p.spec.expert;
+}
+
+Comm& DistributedOptimizer::state_group(const Param& p) const {
+  return p.spec.expert ? grid_.expert_dp() : grid_.dp();
 }
 
 ElementRange DistributedOptimizer::owned(const Param& p) const {
-  const int64_t begin = flat_offset_[index_.at(&p)], end = begin + p.value.numel();
-  const int64_t lo = std::clamp(chunk_begin_, begin, end), hi = std::clamp(chunk_begin_ + chunk_, begin, end);
+  const auto it = flat_index_.find(&p);
+  if (it == flat_index_.end()) return {};  // non-trainable
+  const Flat& f = *it->second.first;
+  const int64_t begin = f.offset[it->second.second], end = begin + p.value.numel();
+  const int64_t lo = std::clamp(f.begin, begin, end), hi = std::clamp(f.begin + f.chunk, begin, end);
   return {lo - begin, hi - begin};
 }
 
@@ -80,76 +138,54 @@ void DistributedOptimizer::bucketed_all_reduce(const std::vector<Param*>& params
 }
 
 void DistributedOptimizer::reduce_gradients() {
-  const int dp = grid_.dp().size();
-  const float inv_dp = 1.0f / static_cast<float>(dp);
+  const float inv_dp = 1.0f / static_cast<float>(grid_.dp().size());
   if (zero_stage_ == 0) {
     bucketed_all_reduce(tp_split_, grid_.dp(), inv_dp);
     bucketed_all_reduce(tp_whole_, grid_.stage(), inv_dp);
+    bucketed_all_reduce(experts_, grid_.expert_dp(), inv_dp);
     return;
   }
   bucketed_all_reduce(tp_whole_, grid_.tp(), 1.0f);
-  if (dp == 1) return;
-  // ZeRO-1: reduce-scatter the flat gradient so this rank receives its averaged chunk.
-  const Tensor flat = Tensor::zeros({flat_size_}, DType::kF32);
-  size_t i = 0;
-  for (Param& p : registry_.params()) {
-    std::memcpy(flat.data<float>() + flat_offset_[i++], p.grad.data<float>(), p.grad.nbytes());
-  }
-  const Tensor chunk = Tensor::empty({chunk_}, DType::kF32);
-  grid_.dp().reduce_scatter(flat, chunk);
-  ops::scale_(chunk, inv_dp);
-  i = 0;
-  for (Param& p : registry_.params()) {
-    const ElementRange r = owned(p);
-    const int64_t src = flat_offset_[i++] + r.begin - chunk_begin_;
-    if (r.size() > 0) std::memcpy(p.grad.data<float>() + r.begin, chunk.data<float>() + src, r.size() * sizeof(float));
-  }
+  dense_flat_.reduce_scatter(inv_dp);
+  expert_flat_.reduce_scatter(inv_dp);
+}
+
+bool DistributedOptimizer::counts_in_norm(const Param& p) const {
+  if (!p.spec.trainable) return false;
+  if (zero_stage_ == 1) return !tp_partial(p) || grid_.tp_rank() == 0;  // chunks are unique in their group
+  if (p.spec.expert) return grid_.expert_dp_rank() == 0;
+  if (tp_partial(p)) return grid_.tp_rank() == 0 && grid_.dp_rank() == 0;
+  return grid_.dp_rank() == 0;
 }
 
 double DistributedOptimizer::clip_grad_norm(double max_norm) {
   MOE_CHECK(max_norm >= 0.0 && std::isfinite(max_norm), "optim.grad_clip must be finite and >= 0, got {}", max_norm);
-  const bool root_tp = grid_.tp().rank() == 0;
   double local = 0.0;
-  for (Param& p : registry_.params()) {
-    if (tp_partial(p) && !root_tp) continue;  // counted once, on TP rank 0
-    local += ops::sum_squares(owned_grad(p));
-  }
-  // Sum over the ranks that hold different elements: TP (and DP chunks under ZeRO-1).
-  Comm& group = zero_stage_ == 1 ? grid_.stage() : grid_.tp();
-  if (group.size() > 1) {
-    const Tensor t = Tensor::empty({1}, DType::kF32);
+  for (Param& p : registry_.params())
+    if (counts_in_norm(p)) local += ops::sum_squares(owned_grad(p));
+  Comm& stage = grid_.stage();
+  if (stage.size() > 1) {
     // f32 would lose digits of a large sum of squares: split into high and low parts.
     const float hi = static_cast<float>(local);
     const float lo = static_cast<float>(local - static_cast<double>(hi));
     const Tensor parts = Tensor::from_floats({2}, std::vector<float>{hi, lo});
-    group.all_reduce(parts);
+    stage.all_reduce(parts);
     local = static_cast<double>(parts.data<float>()[0]) + static_cast<double>(parts.data<float>()[1]);
   }
   const double norm = std::sqrt(local);
   if (max_norm > 0.0 && std::isfinite(norm) && norm > max_norm) {
     const float s = static_cast<float>(max_norm / (norm + 1e-6));
-    for (Param& p : registry_.params()) ops::scale_(owned_grad(p), s);
+    for (Param& p : registry_.params())
+      if (p.spec.trainable) ops::scale_(owned_grad(p), s);
   }
   return norm;
 }
 
 void DistributedOptimizer::step(float lr) {
   adamw_->step(lr);
-  if (zero_stage_ == 0 || grid_.dp().size() == 1) return;
-  // ZeRO-1: every rank contributes its updated chunk; all-gather the flat parameters.
-  const Tensor chunk = Tensor::zeros({chunk_}, DType::kF32);
-  size_t i = 0;
-  for (Param& p : registry_.params()) {
-    const ElementRange r = owned(p);
-    const int64_t dst = flat_offset_[i++] + r.begin - chunk_begin_;
-    if (r.size() > 0) std::memcpy(chunk.data<float>() + dst, p.value.data<float>() + r.begin, r.size() * sizeof(float));
-  }
-  const Tensor flat = Tensor::empty({flat_size_}, DType::kF32);
-  grid_.dp().all_gather(chunk, flat);
-  i = 0;
-  for (Param& p : registry_.params()) {
-    std::memcpy(p.value.data<float>(), flat.data<float>() + flat_offset_[i++], p.value.nbytes());
-  }
+  if (zero_stage_ == 0) return;
+  dense_flat_.all_gather();
+  expert_flat_.all_gather();
 }
 
 }  // namespace moeforge

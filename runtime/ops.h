@@ -125,15 +125,26 @@ void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, co
 
 // Token copies grouped by expert. experts (N, K) i32 -> positions (N, K) i32, the row of copy
 // (n, k) in the expert-grouped buffer, and offsets (E+1) i64, the first row of each expert. The
-// order inside an expert is the copies' (n, k) order, so the plan is deterministic.
+// order inside an expert is the copies' (n, k) order, so the plan is deterministic. An expert id
+// of -1 marks a dropped copy (capacity mode): its position is -1 and it takes no row, so the
+// buffer has M = offsets[E] <= N * K rows.
 void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets);
-// out (M, C): out[positions[n, k]] = x[n].
+// Capacity-mode dropping (DESIGN.md, token path). experts (N, K) i32 in [0, E); base (K, E) i64;
+// dispatch (N, K) i32 written: experts[n, k], or -1 when the copy overflows its expert. Copies
+// of an expert are ranked in priority order: slot k before slot k+1 (every token's first choice
+// before any second choice, as GShard), then by row n; base[k, e] is the number of copies of
+// expert e that rank before this tensor's slot-k copies (other slots, other ranks' rows). A copy
+// is kept iff its rank < capacity.
+void moe_apply_capacity(const Tensor& experts, int64_t capacity, const Tensor& base, const Tensor& dispatch);
+// out (M, C): out[positions[n, k]] = x[n] for every kept copy (positions >= 0, a permutation of
+// [0, M) over the kept copies).
 void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out);
-// dx (N, C) = sum_k dout[positions[n, k]] (written).
+// dx (N, C) = sum over kept k of dout[positions[n, k]] (written; 0 for a row with no kept copy).
 void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& dx);
-// out (N, C) = sum_k weights[n, k] * y[positions[n, k]].
+// out (N, C) = sum over kept k of weights[n, k] * y[positions[n, k]].
 void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& out);
-// dy (M, C): dy[positions[n, k]] = weights[n, k] * dout[n]; dweights (N, K) = <dout[n], y[positions[n, k]]>.
+// dy (M, C): dy[positions[n, k]] = weights[n, k] * dout[n]; dweights (N, K) = <dout[n], y[positions[n, k]]>,
+// 0 for a dropped copy.
 void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& dout,
                        const Tensor& dy, const Tensor& dweights);
 

@@ -39,6 +39,17 @@ void check_positions(std::string_view op, const Tensor& positions) {
             positions.shape().str());
 }
 
+// The expert-grouped buffer t (M, cols) of the copies planned in positions (N, K): M <= N * K
+// (fewer when capacity mode dropped copies; the kernel checks M against the kept copies).
+void check_copy_rows(std::string_view op, NamedTensor t, const Tensor& positions, int64_t cols, NamedTensor ref) {
+  check_dtype(op, t, DType::kF32);
+  MOE_CHECK(t.t.ndim() == 2 && t.t.dim(1) == cols && t.t.dim(0) <= positions.numel(),
+            "{}: {} has shape {} but positions has shape {} and {} has shape {}; expected {} of shape (M, {}) "
+            "with M <= {}",
+            op, t.name, t.t.shape().str(), positions.shape().str(), ref.name, ref.t.shape().str(), t.name, cols,
+            positions.numel());
+}
+
 // The token count a router loss is normalised by covers at least the rows given here (more when the
 // rows are one rank's share of a sequence-parallel batch).
 void check_num_tokens(std::string_view op, int64_t num_tokens, NamedTensor rows) {
@@ -173,6 +184,22 @@ void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, c
   MOE_DISPATCH(moe_plan, dev, experts, num_experts, positions, offsets);
 }
 
+void moe_apply_capacity(const Tensor& experts, int64_t capacity, const Tensor& base, const Tensor& dispatch) {
+  constexpr std::string_view op = "moe_apply_capacity";
+  const Device dev = check_same_device(op, {{"experts", experts}, {"base", base}, {"dispatch", dispatch}});
+  check_dtype(op, {"experts", experts}, DType::kI32);
+  check_ndim(op, {"experts", experts}, 2);
+  MOE_CHECK(capacity >= 0, "{}: capacity={} must be >= 0", op, capacity);
+  check_dtype(op, {"base", base}, DType::kI64);
+  check_ndim(op, {"base", base}, 2);
+  MOE_CHECK(base.dim(0) == experts.dim(1) && base.dim(1) >= 1,
+            "{}: base has shape {} but experts has shape {}; expected base of shape ({}, E)", op, base.shape().str(),
+            experts.shape().str(), experts.dim(1));
+  check_dtype(op, {"dispatch", dispatch}, DType::kI32);
+  check_same_shape(op, {"dispatch", dispatch}, {"experts", experts});
+  MOE_DISPATCH(moe_apply_capacity, dev, experts, capacity, base, dispatch);
+}
+
 void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out) {
   constexpr std::string_view op = "moe_permute_fwd";
   const Device dev = check_same_device(op, {{"x", x}, {"positions", positions}, {"out", out}});
@@ -180,8 +207,7 @@ void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out
   check_ndim(op, {"x", x}, 2);
   check_positions(op, positions);
   check_shape(op, {"positions", positions}, Shape{x.dim(0), positions.dim(1)}, {"x", x});
-  check_dtype(op, {"out", out}, DType::kF32);
-  check_shape(op, {"out", out}, Shape{positions.numel(), x.dim(1)}, {"positions", positions});
+  check_copy_rows(op, {"out", out}, positions, x.dim(1), {"x", x});
   MOE_DISPATCH(moe_permute_fwd, dev, x, positions, out);
 }
 
@@ -191,7 +217,7 @@ void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& 
   check_positions(op, positions);
   check_dtype(op, {"dout", dout}, DType::kF32);
   check_ndim(op, {"dout", dout}, 2);
-  check_shape(op, {"dout", dout}, Shape{positions.numel(), dout.dim(1)}, {"positions", positions});
+  check_copy_rows(op, {"dout", dout}, positions, dout.dim(1), {"dout", dout});
   check_dtype(op, {"dx", dx}, DType::kF32);
   check_shape(op, {"dx", dx}, Shape{positions.dim(0), dout.dim(1)}, {"dout", dout});
   MOE_DISPATCH(moe_permute_bwd, dev, dout, positions, dx);
@@ -205,7 +231,7 @@ void check_combine_inputs(std::string_view op, const Tensor& y, const Tensor& po
   check_same_shape(op, {"weights", weights}, {"positions", positions});
   check_dtype(op, {"y", y}, DType::kF32);
   check_ndim(op, {"y", y}, 2);
-  check_shape(op, {"y", y}, Shape{positions.numel(), y.dim(1)}, {"positions", positions});
+  check_copy_rows(op, {"y", y}, positions, y.dim(1), {"y", y});
 }
 }  // namespace
 

@@ -31,20 +31,6 @@ for n in "$ranks" "$calls"; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "bench-comm: expected a positive number, got '$n'" >&2; exit 2; }
 done
 
-build_dir=${MOEFORGE_BUILD_DIR:-build}
-if [ ! -f "$build_dir/CMakeCache.txt" ]; then
-  echo "bench-comm: $build_dir is not a configured build directory; configure it first:" >&2
-  echo "  cmake -S . -B $build_dir -DCMAKE_BUILD_TYPE=Release" >&2
-  exit 1
-fi
-if ! log=$(cmake --build "$build_dir" --target bench_comm -j "${MOEFORGE_JOBS:-2}" 2>&1); then
-  echo "$log" >&2
-  exit 1
-fi
-
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-# Open MPI refuses to run as root without these (containers).
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-oversubscribe=()
-[ "$ranks" -gt "$(nproc)" ] && oversubscribe=(--oversubscribe)
-mpirun -np "$ranks" "${oversubscribe[@]}" "$build_dir/tests/bench_comm" "$calls"
+source scripts/lib/bench.sh
+bench_build bench-comm bench_comm
+bench_mpirun "$ranks" "$build_dir/tests/bench_comm" "$calls"

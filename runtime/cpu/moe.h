@@ -4,8 +4,9 @@
 //
 // Shapes, dtypes and devices arrive validated by runtime/ops_moe.cpp. What only the data can
 // reveal is checked here, in a serial pass before the parallel work so the error is the first
-// bad element and never thrown from inside an OpenMP region: expert ids in [0, E), positions a
-// permutation of [0, M) (or in range, for the gathers), offsets well formed.
+// bad element and never thrown from inside an OpenMP region: expert ids in [0, E) (-1 allowed
+// where a copy may be dropped), kept positions a permutation of [0, M) (or in range, for the
+// gathers), offsets well formed.
 //
 // Threads: OpenMP over tokens (rows) or over (expert, tile) GEMM tasks; each output element is
 // produced by one thread with a fixed reduction order, so results do not depend on the thread
@@ -30,6 +31,7 @@ void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& l
 void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits);
 
 void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets);
+void moe_apply_capacity(const Tensor& experts, int64_t capacity, const Tensor& base, const Tensor& dispatch);
 void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out);
 void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& dx);
 void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& out);

@@ -1,5 +1,6 @@
 // The token-dispatch plan (a stable counting sort of token copies by expert) and the permute /
 // unpermute row gathers that move tokens into and out of the expert-grouped buffer.
+#include <algorithm>
 #include <cstring>
 #include <string_view>
 #include <vector>
@@ -12,23 +13,30 @@ namespace {
 // Below this many elements of work a loop stays serial: thread start-up would cost more.
 constexpr int64_t kParallelMinWork = 1 << 15;
 
-// positions (N, K) index rows of an (M, C) buffer. Scatters into that buffer need every row
-// written exactly once, so they also require a permutation (with M = N * K, in range and distinct
-// is exactly that); gathers only need the range.
+// positions (N, K) index rows of an (M, C) buffer; -1 marks a dropped copy (no row). Scatters
+// into that buffer need every row written exactly once, so they also require the kept copies'
+// positions to be a permutation of [0, M) (in range, distinct, and M of them); gathers only need
+// the range.
 void check_positions(std::string_view op, const Tensor& positions, int64_t m, bool permutation) {
   const int64_t n_rows = positions.dim(0);
   const int64_t k = positions.dim(1);
   const int32_t* pp = positions.data<int32_t>();
   std::vector<uint8_t> seen(permutation ? m : 0, 0);
+  int64_t kept = 0;
   for (int64_t n = 0; n < n_rows; ++n)
     for (int64_t j = 0; j < k; ++j) {
       const int32_t p = pp[n * k + j];
-      MOE_CHECK(p >= 0 && p < m, "{}: positions[{}, {}] = {} is out of range [0, {})", op, n, j, p, m);
+      if (p == -1) continue;
+      MOE_CHECK(p >= 0 && p < m, "{}: positions[{}, {}] = {} is out of range [0, {}) (or -1 for a dropped copy)", op,
+                n, j, p, m);
+      ++kept;
       if (!permutation) continue;
       MOE_CHECK(!seen[p], "{}: positions[{}, {}] = {} repeats an earlier copy's row; positions must be a permutation of [0, {})",
                 op, n, j, p, m);
       seen[p] = 1;
     }
+  MOE_CHECK(!permutation || kept == m, "{}: positions keep {} copies but the buffer has {} rows; they must be equal", op,
+            kept, m);
 }
 
 }  // namespace
@@ -46,18 +54,38 @@ void check_expert_ids(std::string_view op, const Tensor& experts, int64_t num_ex
 }
 
 // Counting sort, serial: O(N K) integer work, a small fraction of one permute's row copies, and
-// the stable (n, k) order inside each expert falls out of a single forward pass.
+// the stable (n, k) order inside each expert falls out of a single forward pass. Dropped copies
+// (expert -1) get position -1.
 void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets) {
-  check_expert_ids("moe_plan", experts, num_experts);
   const int64_t m = experts.numel();
   const int32_t* pe = experts.data<int32_t>();
+  for (int64_t i = 0; i < m; ++i)
+    MOE_CHECK(pe[i] >= -1 && pe[i] < num_experts, "moe_plan: experts[{}, {}] = {} is out of range [0, {}) (or -1 for a dropped copy)",
+              i / experts.dim(1), i % experts.dim(1), pe[i], num_experts);
   int32_t* pp = positions.data<int32_t>();
   int64_t* po = offsets.data<int64_t>();
   for (int e = 0; e <= num_experts; ++e) po[e] = 0;
-  for (int64_t i = 0; i < m; ++i) ++po[pe[i] + 1];
+  for (int64_t i = 0; i < m; ++i)
+    if (pe[i] >= 0) ++po[pe[i] + 1];
   for (int e = 0; e < num_experts; ++e) po[e + 1] += po[e];
   std::vector<int64_t> cursor(po, po + num_experts);
-  for (int64_t i = 0; i < m; ++i) pp[i] = static_cast<int32_t>(cursor[pe[i]]++);
+  for (int64_t i = 0; i < m; ++i) pp[i] = pe[i] >= 0 ? static_cast<int32_t>(cursor[pe[i]]++) : -1;
+}
+
+void moe_apply_capacity(const Tensor& experts, int64_t capacity, const Tensor& base, const Tensor& dispatch) {
+  const int64_t n_rows = experts.dim(0), k = experts.dim(1), num_experts = base.dim(1);
+  check_expert_ids("moe_apply_capacity", experts, num_experts);
+  const int32_t* pe = experts.data<int32_t>();
+  const int64_t* pb = base.data<int64_t>();
+  int32_t* pd = dispatch.data<int32_t>();
+  std::vector<int64_t> rank(static_cast<size_t>(num_experts));
+  for (int64_t j = 0; j < k; ++j) {  // priority order: slot j, then row n
+    std::copy_n(pb + j * num_experts, num_experts, rank.begin());
+    for (int64_t n = 0; n < n_rows; ++n) {
+      const int32_t e = pe[n * k + j];
+      pd[n * k + j] = rank[static_cast<size_t>(e)]++ < capacity ? e : -1;
+    }
+  }
 }
 
 void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out) {
@@ -71,7 +99,7 @@ void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out
 #pragma omp parallel for schedule(static) if (n_rows * k * c > kParallelMinWork)
   for (int64_t n = 0; n < n_rows; ++n)
     for (int64_t j = 0; j < k; ++j)
-      std::memcpy(po + static_cast<int64_t>(pp[n * k + j]) * c, px + n * c, sizeof(float) * c);
+      if (pp[n * k + j] >= 0) std::memcpy(po + static_cast<int64_t>(pp[n * k + j]) * c, px + n * c, sizeof(float) * c);
 }
 
 void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& dx) {
@@ -85,8 +113,9 @@ void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& 
 #pragma omp parallel for schedule(static) if (n_rows * k * c > kParallelMinWork)
   for (int64_t n = 0; n < n_rows; ++n) {
     float* dst = px + n * c;
-    std::memcpy(dst, pd + static_cast<int64_t>(pp[n * k]) * c, sizeof(float) * c);
-    for (int64_t j = 1; j < k; ++j) {
+    std::memset(dst, 0, sizeof(float) * c);
+    for (int64_t j = 0; j < k; ++j) {
+      if (pp[n * k + j] < 0) continue;
       const float* src = pd + static_cast<int64_t>(pp[n * k + j]) * c;
 #pragma omp simd
       for (int64_t i = 0; i < c; ++i) dst[i] += src[i];
@@ -106,11 +135,9 @@ void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& w
 #pragma omp parallel for schedule(static) if (n_rows * k * c > kParallelMinWork)
   for (int64_t n = 0; n < n_rows; ++n) {
     float* dst = po + n * c;
-    const float w0 = pw[n * k];
-    const float* src0 = py + static_cast<int64_t>(pp[n * k]) * c;
-#pragma omp simd
-    for (int64_t i = 0; i < c; ++i) dst[i] = w0 * src0[i];
-    for (int64_t j = 1; j < k; ++j) {
+    std::memset(dst, 0, sizeof(float) * c);
+    for (int64_t j = 0; j < k; ++j) {
+      if (pp[n * k + j] < 0) continue;
       const float w = pw[n * k + j];
       const float* src = py + static_cast<int64_t>(pp[n * k + j]) * c;
 #pragma omp simd
@@ -136,6 +163,10 @@ void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& w
     const float* g = pd + n * c;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t row = pp[n * k + j];
+      if (row < 0) {
+        pdw[n * k + j] = 0.0f;
+        continue;
+      }
       const float w = pw[n * k + j];
       const float* src = py + row * c;
       float* dst = pdy + row * c;

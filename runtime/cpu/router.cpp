@@ -83,8 +83,9 @@ void router_fwd(const Tensor& logits, ops::Gating gating, int k, const Tensor& b
       select_top_k(a, pb, num_experts, k, ids, top.data());
       float sel_sum = 0.0f;
       for (int j = 0; j < k; ++j) sel_sum += a[ids[j]];
-      const float inv_sel = 1.0f / sel_sum;
-      for (int j = 0; j < k; ++j) w[j] = a[ids[j]] * inv_sel;
+      // Divided, not multiplied by 1/sel_sum: with k = 1 the weight is then exactly 1 (and its
+      // gradient below exactly 0), not 1 +- an ulp.
+      for (int j = 0; j < k; ++j) w[j] = a[ids[j]] / sel_sum;
       if (gating == ops::Gating::kSigmoidTopK) {
         // The aux loss wants a distribution over experts: scores normalised per token.
         float sum = 0.0f;
@@ -130,7 +131,7 @@ void router_bwd(const Tensor& logits, ops::Gating gating, const Tensor& experts,
       for (int j = 0; j < k; ++j) sel_sum += a[ids[j]];
       const float inv_sel = 1.0f / sel_sum;
       float dw_dot_w = 0.0f;
-      for (int j = 0; j < k; ++j) dw_dot_w += dw[j] * a[ids[j]] * inv_sel;
+      for (int j = 0; j < k; ++j) dw_dot_w += dw[j] * (a[ids[j]] / sel_sum);  // w_j as forward made it
 
       if (gating == ops::Gating::kSoftmaxTopK) {
         for (int64_t e = 0; e < num_experts; ++e) da[e] = dp ? dp[e] : 0.0f;

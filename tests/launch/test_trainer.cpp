@@ -268,8 +268,11 @@ TEST_F(TrainerSynthetic, MetricsFilesOfARun) {
   // Step 1 is always logged (the loss at initialisation), then every log_every and the last.
   const auto lines = read_jsonl(dir_ / "run/metrics.jsonl");
   ASSERT_EQ(lines.size(), 3u);
-  const std::set<std::string> train_keys = {"train/loss", "train/ce",        "train/aux",          "train/z",
-                                            "train/lr",   "train/grad_norm", "train/tokens_per_s", "train/elapsed_s"};
+  std::set<std::string> train_keys = {"train/loss", "train/ce",        "train/aux",          "train/z",
+                                      "train/lr",   "train/grad_norm", "train/tokens_per_s", "train/elapsed_s"};
+  for (int i = 0; i < trainer.model().config().n_layers; ++i)  // expert-load telemetry per MoE layer
+    for (const char* name : {"tokens_min", "tokens_max", "tokens_cv", "dropped_fraction"})
+      train_keys.insert("moe/layer" + std::to_string(i) + "/" + name);
   const int64_t logged_steps[] = {1, 5, 10};
   size_t n_scalars = 0;
   for (size_t i = 0; i < lines.size(); ++i) {

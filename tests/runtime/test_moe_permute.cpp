@@ -1,7 +1,9 @@
 // Tests the dispatch ops of runtime/ops_moe.cpp and runtime/cpu/moe_dispatch.cpp: moe_plan on a
 // hand-checked example and on random routings (contiguous experts, stable (n, k) order), the
 // permute / unpermute forwards against naive double gathers, their backwards against finite
-// differences of those references, and the checks on expert ids, positions and shapes.
+// differences of those references (also with dropped copies, expert -1, as capacity mode makes),
+// moe_apply_capacity against a naive priority-order count, and the checks on expert ids,
+// positions and shapes.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -85,11 +87,11 @@ TEST(MoePlan, RejectsOutOfRangeExpertIds) {
   EXPECT_EQ(error_of([&] {
               ops::moe_plan(Tensor::from_ints({3, 2}, std::vector<int32_t>{0, 1, 5, 2, 3, 4}), 5, positions, offsets);
             }),
-            "moe_plan: experts[1, 0] = 5 is out of range [0, 5)");
+            "moe_plan: experts[1, 0] = 5 is out of range [0, 5) (or -1 for a dropped copy)");
   EXPECT_EQ(error_of([&] {
-              ops::moe_plan(Tensor::from_ints({3, 2}, std::vector<int32_t>{0, 1, 2, 3, 4, -1}), 5, positions, offsets);
+              ops::moe_plan(Tensor::from_ints({3, 2}, std::vector<int32_t>{0, 1, 2, 3, 4, -2}), 5, positions, offsets);
             }),
-            "moe_plan: experts[2, 1] = -1 is out of range [0, 5)");
+            "moe_plan: experts[2, 1] = -2 is out of range [0, 5) (or -1 for a dropped copy)");
   EXPECT_EQ(error_of([&] {
               ops::moe_plan(Tensor::zeros({3, 2}, DType::kI32), 4, positions, offsets);
             }),
@@ -98,11 +100,59 @@ TEST(MoePlan, RejectsOutOfRangeExpertIds) {
             "moe_plan: num_experts=0 must be >= 1");
 }
 
+// Dropped copies (expert -1) take no row and get position -1; the kept ones keep the stable order.
+TEST(MoePlan, DroppedCopiesTakeNoRow) {
+  const Tensor experts = Tensor::from_ints({4, 2}, std::vector<int32_t>{2, -1, 1, 2, -1, 2, 2, 1});
+  const Plan p = make_plan(experts, 4);
+  EXPECT_EQ(longs_of(p.offsets), (std::vector<int64_t>{0, 0, 2, 6, 6}));
+  EXPECT_EQ(ints_of(p.positions), (std::vector<int32_t>{2, -1, 0, 3, -1, 4, 5, 1}));
+}
+
+// ---- capacity -----------------------------------------------------------------------------------------
+
+// A copy is kept iff fewer than `capacity` copies of its expert precede it in priority order:
+// base, then slot by slot, row by row.
+TEST(MoeCapacity, KeepsTheFirstCopiesInPriorityOrder) {
+  for (auto [n, k, e, cap] : {std::tuple<int64_t, int64_t, int, int64_t>{13, 2, 4, 3}, {50, 1, 3, 10}, {31, 4, 8, 5},
+                             {9, 2, 2, 0}, {64, 2, 4, 100}}) {
+    const Tensor experts = random_ints({n, k}, static_cast<uint64_t>(n + k + e), 0, e);
+    const Tensor base = Tensor::zeros({k, e}, DType::kI64);
+    for (int64_t i = 0; i < k * e; ++i) base.data<int64_t>()[i] = (i * 7) % 3;
+    const Tensor dispatch = Tensor::empty({n, k}, DType::kI32);
+    ops::moe_apply_capacity(experts, cap, base, dispatch);
+    const std::vector<int32_t> ex = ints_of(experts), got = ints_of(dispatch);
+    int64_t kept = 0;
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t r = 0; r < n; ++r) {
+        const int32_t id = ex[r * k + j];
+        int64_t before = base.data<int64_t>()[j * e + id];
+        for (int64_t r2 = 0; r2 < r; ++r2) before += ex[r2 * k + j] == id;
+        const int32_t want = before < cap ? id : -1;
+        kept += want >= 0;
+        ASSERT_EQ(got[r * k + j], want) << "copy (" << r << ", " << j << ") n=" << n << " cap=" << cap;
+      }
+    if (cap == 0) {
+      EXPECT_EQ(kept, 0);
+    }
+  }
+  EXPECT_EQ(error_of([] {
+              ops::moe_apply_capacity(Tensor::zeros({3, 2}, DType::kI32), 2, Tensor::zeros({1, 4}, DType::kI64),
+                                      Tensor::empty({3, 2}, DType::kI32));
+            }),
+            "moe_apply_capacity: base has shape (1, 4) but experts has shape (3, 2); expected base of shape (2, E)");
+  EXPECT_EQ(error_of([] {
+              ops::moe_apply_capacity(Tensor::from_ints({1, 2}, std::vector<int32_t>{0, 4}), 2,
+                                      Tensor::zeros({2, 4}, DType::kI64), Tensor::empty({1, 2}, DType::kI32));
+            }),
+            "moe_apply_capacity: experts[0, 1] = 4 is out of range [0, 4)");
+}
+
 // ---- permute / unpermute -----------------------------------------------------------------------------
 
 struct PermuteCase {
   int64_t n, k, c;
   int e;
+  bool drop = false;  // mark about a quarter of the copies dropped (expert -1)
 };
 
 class PermuteTest : public ::testing::TestWithParam<PermuteCase> {
@@ -111,17 +161,24 @@ class PermuteTest : public ::testing::TestWithParam<PermuteCase> {
     const PermuteCase p = GetParam();
     const uint64_t seed = static_cast<uint64_t>(p.n * 7 + p.k * 3 + p.c);
     experts_ = random_ints({p.n, p.k}, seed, 0, p.e);
+    if (p.drop) {
+      const Tensor coin = random_ints({p.n, p.k}, seed + 1, 0, 4);
+      for (int64_t i = 0; i < p.n * p.k; ++i)
+        if (coin.data<int32_t>()[i] == 0) experts_.data<int32_t>()[i] = -1;
+    }
     plan_ = make_plan(experts_, p.e);
     pos_ = ints_of(plan_.positions);
+    m_ = plan_.offsets.data<int64_t>()[p.e];
   }
 
   // out[pos[n, k]] = x[n]
   std::vector<double> ref_permute(const std::vector<double>& x) const {
     const PermuteCase p = GetParam();
-    std::vector<double> out(p.n * p.k * p.c);
+    std::vector<double> out(m_ * p.c);
     for (int64_t n = 0; n < p.n; ++n)
       for (int64_t j = 0; j < p.k; ++j)
-        for (int64_t i = 0; i < p.c; ++i) out[pos_[n * p.k + j] * p.c + i] = x[n * p.c + i];
+        if (pos_[n * p.k + j] >= 0)
+          for (int64_t i = 0; i < p.c; ++i) out[pos_[n * p.k + j] * p.c + i] = x[n * p.c + i];
     return out;
   }
 
@@ -131,7 +188,8 @@ class PermuteTest : public ::testing::TestWithParam<PermuteCase> {
     std::vector<double> out(p.n * p.c, 0.0);
     for (int64_t n = 0; n < p.n; ++n)
       for (int64_t j = 0; j < p.k; ++j)
-        for (int64_t i = 0; i < p.c; ++i) out[n * p.c + i] += w[n * p.k + j] * y[pos_[n * p.k + j] * p.c + i];
+        if (pos_[n * p.k + j] >= 0)
+          for (int64_t i = 0; i < p.c; ++i) out[n * p.c + i] += w[n * p.k + j] * y[pos_[n * p.k + j] * p.c + i];
     return out;
   }
 
@@ -142,11 +200,12 @@ class PermuteTest : public ::testing::TestWithParam<PermuteCase> {
   Tensor experts_;
   Plan plan_;
   std::vector<int32_t> pos_;
+  int64_t m_ = 0;  // kept copies: rows of the expert-grouped buffer
 };
 
 TEST_P(PermuteTest, PermuteForwardAndBackward) {
   const PermuteCase p = GetParam();
-  const int64_t m = p.n * p.k;
+  const int64_t m = m_;
   const Tensor x = random_tensor({p.n, p.c}, 1);
   const Tensor out = Tensor::empty({m, p.c}, DType::kF32);
   ops::moe_permute_fwd(x, plan_.positions, out);
@@ -160,7 +219,8 @@ TEST_P(PermuteTest, PermuteForwardAndBackward) {
   std::vector<double> want(p.n * p.c, 0.0);  // analytic: dx[n] = sum_k g[pos[n, k]]
   for (int64_t n = 0; n < p.n; ++n)
     for (int64_t j = 0; j < p.k; ++j)
-      for (int64_t i = 0; i < p.c; ++i) want[n * p.c + i] += G[pos_[n * p.k + j] * p.c + i];
+      if (pos_[n * p.k + j] >= 0)
+        for (int64_t i = 0; i < p.c; ++i) want[n * p.c + i] += G[pos_[n * p.k + j] * p.c + i];
   if (small()) {
     const std::vector<double> fd =
         finite_diff([&](const std::vector<double>& xv) { return testing::dot(ref_permute(xv), G); }, X);
@@ -171,7 +231,7 @@ TEST_P(PermuteTest, PermuteForwardAndBackward) {
 
 TEST_P(PermuteTest, UnpermuteForwardAndBackward) {
   const PermuteCase p = GetParam();
-  const int64_t m = p.n * p.k;
+  const int64_t m = m_;
   const Tensor y = random_tensor({m, p.c}, 4);
   const Tensor w = random_tensor({p.n, p.k}, 5);
   const Tensor out = Tensor::empty({p.n, p.c}, DType::kF32);
@@ -188,6 +248,7 @@ TEST_P(PermuteTest, UnpermuteForwardAndBackward) {
   for (int64_t n = 0; n < p.n; ++n)
     for (int64_t j = 0; j < p.k; ++j) {
       const int64_t row = pos_[n * p.k + j];
+      if (row < 0) continue;
       for (int64_t i = 0; i < p.c; ++i) {
         want_dy[row * p.c + i] = W[n * p.k + j] * G[n * p.c + i];
         want_dw[n * p.k + j] += G[n * p.c + i] * Y[row * p.c + i];
@@ -208,15 +269,23 @@ TEST_P(PermuteTest, UnpermuteForwardAndBackward) {
 INSTANTIATE_TEST_SUITE_P(Shapes, PermuteTest,
                          ::testing::Values(PermuteCase{13, 2, 7, 4}, PermuteCase{7, 1, 5, 3},
                                            PermuteCase{7, 4, 3, 5}, PermuteCase{1, 3, 9, 2},
-                                           PermuteCase{301, 4, 64, 8}, PermuteCase{257, 2, 131, 5}));
+                                           PermuteCase{301, 4, 64, 8}, PermuteCase{257, 2, 131, 5},
+                                           PermuteCase{13, 2, 7, 4, true}, PermuteCase{7, 4, 3, 5, true},
+                                           PermuteCase{301, 4, 64, 8, true}));
 
 // ---- validation -------------------------------------------------------------------------------------
 
 TEST(MoePermuteValidation, ShapeAndDtypeMessages) {
   const Tensor x = random_tensor({13, 7}, 1);
   const Tensor positions = make_plan(random_ints({13, 2}, 2, 0, 4), 4).positions;
+  EXPECT_EQ(error_of([&] { ops::moe_permute_fwd(x, positions, Tensor::empty({26, 6}, DType::kF32)); }),
+            "moe_permute_fwd: out has shape (26, 6) but positions has shape (13, 2) and x has shape (13, 7); expected "
+            "out of shape (M, 7) with M <= 26");
   EXPECT_EQ(error_of([&] { ops::moe_permute_fwd(x, positions, Tensor::empty({13, 7}, DType::kF32)); }),
-            "moe_permute_fwd: out has shape (13, 7) but positions has shape (13, 2); expected out of shape (26, 7)");
+            "moe_permute_fwd: positions[0, 0] = 18 is out of range [0, 13) (or -1 for a dropped copy)");
+  EXPECT_EQ(error_of([&] { ops::moe_permute_fwd(x, positions, Tensor::empty({27, 7}, DType::kF32)); }),
+            "moe_permute_fwd: out has shape (27, 7) but positions has shape (13, 2) and x has shape (13, 7); expected "
+            "out of shape (M, 7) with M <= 26");
   EXPECT_EQ(error_of([&] { ops::moe_permute_fwd(x, x, Tensor::empty({26, 7}, DType::kF32)); }),
             "moe_permute_fwd: positions must be i32, got f32 with shape (13, 7)");
   EXPECT_EQ(error_of([&] {
@@ -241,17 +310,21 @@ TEST(MoePermuteValidation, PositionsMustBeInRangeAndDistinct) {
   EXPECT_EQ(error_of([&] {
               ops::moe_permute_fwd(x, Tensor::from_ints({3, 2}, std::vector<int32_t>{0, 1, 2, 6, 4, 5}), out);
             }),
-            "moe_permute_fwd: positions[1, 1] = 6 is out of range [0, 6)");
+            "moe_permute_fwd: positions[1, 1] = 6 is out of range [0, 6) (or -1 for a dropped copy)");
   EXPECT_EQ(error_of([&] {
               ops::moe_permute_fwd(x, Tensor::from_ints({3, 2}, std::vector<int32_t>{0, 1, 2, 3, 1, 5}), out);
             }),
             "moe_permute_fwd: positions[2, 0] = 1 repeats an earlier copy's row; positions must be a permutation of "
             "[0, 6)");
   EXPECT_EQ(error_of([&] {
-              ops::moe_unpermute_fwd(out, Tensor::from_ints({3, 2}, std::vector<int32_t>{0, -1, 2, 3, 4, 5}),
+              ops::moe_unpermute_fwd(out, Tensor::from_ints({3, 2}, std::vector<int32_t>{0, -2, 2, 3, 4, 5}),
                                      random_tensor({3, 2}, 2), x);
             }),
-            "moe_unpermute_fwd: positions[0, 1] = -1 is out of range [0, 6)");
+            "moe_unpermute_fwd: positions[0, 1] = -2 is out of range [0, 6) (or -1 for a dropped copy)");
+  EXPECT_EQ(error_of([&] {
+              ops::moe_permute_fwd(x, Tensor::from_ints({3, 2}, std::vector<int32_t>{0, -1, 2, 3, 4, 1}), out);
+            }),
+            "moe_permute_fwd: positions keep 5 copies but the buffer has 6 rows; they must be equal");
 }
 
 }  // namespace

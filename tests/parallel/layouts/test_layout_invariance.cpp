@@ -1,16 +1,27 @@
 // The central test of moeforge (DESIGN.md principle 1): any parallel layout reproduces the
 // single-rank run. Run under mpirun with the layout on the command line, e.g.
-//   mpirun -np 4 test_parallel_layout_invariance --tp 2 --dp 2 --zero 1
+//   mpirun -np 4 test_parallel_layout_invariance --tp 2 --dp 2 --ep 4 --zero 1
 // Every rank trains `tiny` for 5 optimizer steps in the layout, and also trains the same model
-// alone (ProcessGrid::single()) as the reference. Per step, loss and grad norm must match to
-// 1e-5 relative; after step 5 every rank's parameter shards must equal the corresponding
-// slices of the reference parameters to 1e-5 (normwise per parameter, padding rows skipped).
+// alone (ProcessGrid::single()) as the reference. Per step, loss, aux loss and grad norm must
+// match to 1e-5 relative and the per-layer expert loads (tokens per expert, dropped fraction)
+// exactly; after step 5 every rank's parameter shards must equal the corresponding slices of the
+// reference parameters to 1e-5 (normwise per parameter, padding rows skipped).
+//
+// Options beyond the layout:
+//   --capacity 1   capacity mode with that factor (the same token groups: micro-batches)
+//   --route one    top-1 and a selection bias that sends every token to expert 0, so every other
+//                  EP rank receives zero tokens in every layer
+//   --route starve sigmoid gating, a shared expert, aux-loss-free bias updates, and a selection
+//                  bias that keeps every token away from experts 2 and 3 (EP rank 1 of 4 starves)
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+
+#include <fmt/format.h>
 
 #include "data/prepare.h"
 #include "launch/config.h"
@@ -24,7 +35,9 @@ namespace {
 namespace fs = std::filesystem;
 
 struct Layout {
-  int tp = 1, dp = 1, zero = 0;
+  int tp = 1, dp = 1, ep = 1, zero = 0;
+  int capacity = 0;   // model.capacity_factor when > 0
+  std::string route;  // "", "one" or "starve"
 };
 Layout g_layout;
 MpiRuntime* g_mpi = nullptr;
@@ -47,10 +60,12 @@ double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 
 
 TEST(LayoutInvariance, MatchesSingleRankRun) {
   const ProcessGrid grid = ProcessGrid::create(
-      *g_mpi, ParallelSizes{.tp = g_layout.tp, .pp = 1, .dp = g_layout.dp, .ep = 1}, /*collective_timeout_s=*/120.0);
+      *g_mpi, ParallelSizes{.tp = g_layout.tp, .pp = 1, .dp = g_layout.dp, .ep = g_layout.ep},
+      /*collective_timeout_s=*/120.0);
   // Data: a small corpus prepared by rank 0 into a directory every rank reads.
-  const fs::path dir = fs::temp_directory_path() / ("moeforge_layout_" + std::to_string(g_layout.tp) + "_" +
-                                                    std::to_string(g_layout.dp) + "_" + std::to_string(g_layout.zero));
+  const fs::path dir = fs::temp_directory_path() /
+                       fmt::format("moeforge_layout_{}_{}_{}_{}_{}_{}", g_layout.tp, g_layout.dp, g_layout.ep,
+                                   g_layout.zero, g_layout.capacity, g_layout.route);
   const std::string corpus = testing::source_path("../shared/data/tinyshakespeare.txt");
   if (!fs::exists(corpus)) GTEST_SKIP() << "no corpus at " << corpus;
   if (grid.world_rank() == 0) {
@@ -61,23 +76,41 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
 
   // tiny, shortened: 8 sequences of 64 tokens per step in micro-batches of 2, so every layout
   // also accumulates gradients. n_kv_heads 4 lets tp = 4 split the kv heads.
-  const std::vector<std::string> overrides = {
+  std::vector<std::string> overrides = {
       "data.train=" + (dir / "train").string(), "data.val=" + (dir / "val").string(),
       "logging.dir=" + (dir / "run").string(), "train.steps=5", "train.seq_len=64", "train.global_batch=8",
       "train.micro_batch=2", "train.eval_every=0", "train.sample_tokens=0", "optim.warmup_steps=2",
       "model.n_kv_heads=4", "parallel.tp=" + std::to_string(g_layout.tp), "parallel.dp=" + std::to_string(g_layout.dp),
-      "parallel.zero_stage=" + std::to_string(g_layout.zero), "logging.tensorboard=false"};
+      "parallel.zero_stage=" + std::to_string(g_layout.zero), "parallel.ep=" + std::to_string(g_layout.ep),
+      "logging.tensorboard=false"};
+  if (g_layout.capacity > 0) overrides.push_back("model.capacity_factor=" + std::to_string(g_layout.capacity));
+  if (g_layout.route == "one") {
+    overrides.insert(overrides.end(), {"model.top_k=1", "model.expert_bias_update_rate=1e-3"});
+  } else if (g_layout.route == "starve") {
+    overrides.insert(overrides.end(), {"model.gating=SIGMOID_TOPK", "model.n_shared_experts=1",
+                                       "model.expert_bias_update_rate=1e-3"});
+  }
   const std::string config = testing::source_path("configs/tiny.pbtxt");
   const config::RunConfig run = load_run_config(config, overrides, grid.world_size());
   std::vector<std::string> single_overrides = overrides;
   single_overrides.push_back("parallel.tp=1");
   single_overrides.push_back("parallel.dp=1");
   single_overrides.push_back("parallel.zero_stage=0");
+  single_overrides.push_back("parallel.ep=1");
   single_overrides.push_back("logging.jsonl=false");
   const config::RunConfig single_run = load_run_config(config, single_overrides, 1);
 
   Trainer parallel(run, grid);
   Trainer reference(single_run, ProcessGrid::single());
+  if (!g_layout.route.empty()) {  // the forced routes: a large selection bias, the same in both runs
+    for (Trainer* t : {&parallel, &reference})
+      for (int i = 0; i < t->model().config().n_layers; ++i) {
+        float* b = t->model().registry().get(fmt::format("layers.{}.moe.expert_bias", i)).value.data<float>();
+        if (g_layout.route == "one") b[0] = 1e4f;
+        if (g_layout.route == "starve") b[2] = b[3] = -1e4f;
+      }
+  }
+  double dropped = 0.0;
   for (int s = 1; s <= 5; ++s) {
     const StepMetrics a = parallel.step();
     const StepMetrics b = reference.step();
@@ -85,6 +118,28 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
     EXPECT_LE(rel(a.loss.aux, b.loss.aux), 1e-5) << "step " << s << " aux";
     EXPECT_LE(rel(a.grad_norm, b.grad_norm), 1e-5) << "step " << s << " grad norm " << a.grad_norm << " vs "
                                                    << b.grad_norm;
+    ASSERT_EQ(a.moe.size(), b.moe.size());
+    for (size_t i = 0; i < a.moe.size(); ++i) {
+      EXPECT_EQ(a.moe[i].min_tokens, b.moe[i].min_tokens) << "step " << s << " layer " << i;
+      EXPECT_EQ(a.moe[i].max_tokens, b.moe[i].max_tokens) << "step " << s << " layer " << i;
+      EXPECT_DOUBLE_EQ(a.moe[i].cv, b.moe[i].cv) << "step " << s << " layer " << i;
+      EXPECT_DOUBLE_EQ(a.moe[i].dropped_fraction, b.moe[i].dropped_fraction) << "step " << s << " layer " << i;
+      dropped = std::max(dropped, a.moe[i].dropped_fraction);
+      const int64_t copies = int64_t{8} * 64 * parallel.model().config().top_k;  // global batch x top_k
+      if (g_layout.route == "one") {
+        EXPECT_EQ(a.moe[i].max_tokens, copies) << "every copy goes to expert 0";
+        EXPECT_EQ(a.moe[i].min_tokens, 0);
+      }
+      if (g_layout.route == "starve") {
+        EXPECT_EQ(a.moe[i].min_tokens, 0) << "experts 2 and 3 get nothing";
+      }
+    }
+  }
+  if (g_layout.capacity > 0) {
+    if (grid.world_rank() == 0) std::printf("capacity factor %d: up to %.2f%% of a layer's copies dropped\n", g_layout.capacity, 100.0 * dropped);
+    EXPECT_GT(dropped, 0.0) << "capacity mode should have dropped copies of the unbalanced router";
+  } else {
+    EXPECT_EQ(dropped, 0.0) << "dropless";
   }
   for (const Param& p : parallel.model().registry().params()) {
     const Param& full = reference.model().registry().get(p.spec.name);
@@ -115,11 +170,15 @@ int main(int argc, char** argv) {
     if (flag == "--tp") moeforge::g_layout.tp = value;
     if (flag == "--dp") moeforge::g_layout.dp = value;
     if (flag == "--zero") moeforge::g_layout.zero = value;
+    if (flag == "--ep") moeforge::g_layout.ep = value;
+    if (flag == "--capacity") moeforge::g_layout.capacity = value;
+    if (flag == "--route") moeforge::g_layout.route = argv[i + 1];
   }
   moeforge::MpiRuntime mpi;
   moeforge::g_mpi = &mpi;
-  // Only rank 0 prints gtest's report; every rank's failures still fail the job's exit code.
-  if (mpi.world_rank() != 0) {
+  // Only rank 0 prints gtest's report (every rank with MOEFORGE_TEST_ALL_RANKS set); every rank's
+  // failures still fail the job's exit code.
+  if (mpi.world_rank() != 0 && !std::getenv("MOEFORGE_TEST_ALL_RANKS")) {
     delete ::testing::UnitTest::GetInstance()->listeners().Release(
         ::testing::UnitTest::GetInstance()->listeners().default_result_printer());
   }
