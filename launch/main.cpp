@@ -2,6 +2,7 @@
 //
 //   moeforge train --config configs/tiny.pbtxt [--set train.steps=100 ...]
 //   moeforge data prepare --input a.txt b.txt --output data/ [--val-fraction 0.1]
+//   moeforge inspect checkpoints/run[/step_00001000]
 //
 // Exit codes: 0 success; 1 a runtime error (bad data, I/O, numerical failure); 2 a usage or
 // configuration error. Every error is one line on stderr saying what and where.
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "data/prepare.h"
+#include "launch/checkpointing.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
 #include "parallel/mpi_runtime.h"
@@ -27,7 +29,7 @@ constexpr const char* kVersion = "0.1.0";
 // file against the same world size), so rank 0 reports and all exit 2 without a collective
 // pending. Any later error may hit one rank only: it is reported by that rank and the whole job
 // is aborted, so no other rank waits for it in a collective.
-int run_train(const std::string& config_path, const std::vector<std::string>& overrides) {
+int run_train(const std::string& config_path, const std::vector<std::string>& overrides, const std::string& resume) {
   moeforge::MpiRuntime mpi;
   moeforge::config::RunConfig run;
   try {
@@ -41,7 +43,11 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
     const moeforge::ProcessGrid grid = moeforge::ProcessGrid::create(
         mpi, moeforge::ParallelSizes{.tp = p.tp(), .pp = p.pp(), .dp = p.dp(), .ep = p.ep()}, p.collective_timeout_s());
     moeforge::Trainer trainer(run, grid);
-    trainer.run();
+    moeforge::Checkpointing checkpointing(run, grid);
+    checkpointing.resume(trainer, resume);
+    trainer.run([&](const moeforge::StepMetrics& m) { return checkpointing.after_step(trainer, m); });
+    // A preempted job exits 0 only with its checkpoint committed.
+    if (!checkpointing.finish() && checkpointing.stopped_by_signal()) return 1;
   } catch (const std::exception& e) {
     if (mpi.world_size() == 1) {
       std::fprintf(stderr, "moeforge: error: %s\n", e.what());
@@ -104,6 +110,9 @@ int main(int argc, char** argv) {
   train->add_option("--set", overrides, "Override a field: --set path.to.field=value (repeatable)")
       ->allow_extra_args(false);
 
+  std::string resume;
+  train->add_option("--resume", resume,
+                    "Continue from a checkpoint: 'auto' (checkpoint.dir's latest, if any) or a checkpoint path");
   CLI::App* data = app.add_subcommand("data", "Prepare training data");
   data->require_subcommand(1);
   moeforge::data::PrepareOptions prepare;
@@ -115,6 +124,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 0.999999));
   prep->add_option("--max-tokens-per-shard", prepare.max_tokens_per_shard, "Tokens per shard file")
       ->check(CLI::PositiveNumber);
+
+  std::string inspect_path;
+  CLI::App* inspect = app.add_subcommand("inspect", "Print a checkpoint's manifest and tensors and verify its checksums");
+  inspect->add_option("checkpoint", inspect_path, "A step directory or a checkpoint directory (its latest)")->required();
 
   if (const std::string unknown = unknown_subcommand(app, argc, argv); !unknown.empty()) {
     std::fprintf(stderr, "%s\nRun with --help for more information.\n", unknown.c_str());
@@ -134,7 +147,8 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (*train) return run_train(config_path, overrides);
+    if (*train) return run_train(config_path, overrides, resume);
+    if (*inspect) return moeforge::inspect_checkpoint(inspect_path);
     if (*prep) return run_prepare(prepare);
   } catch (const moeforge::ConfigError& e) {
     std::fprintf(stderr, "moeforge: config error: %s\n", e.what());

@@ -1,0 +1,96 @@
+#include "checkpoint/files.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "data/sha256.h"
+#include "runtime/error.h"
+
+namespace moeforge::checkpoint {
+
+namespace fs = std::filesystem;
+
+void fsync_path(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  MOE_CHECK(fd >= 0, "{}: cannot open to fsync: {}", path, std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  MOE_CHECK(rc == 0, "{}: fsync failed: {}", path, std::strerror(err));
+}
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream os(tmp, std::ios::binary | std::ios::trunc);
+    os.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    os.close();
+    MOE_CHECK(os.good(), "{}: cannot write: {}", tmp, std::strerror(errno));
+  }
+  fsync_path(tmp);
+  MOE_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "{}: cannot rename to {}: {}", tmp, path,
+            std::strerror(errno));
+  fsync_path(fs::path(path).parent_path().string());
+}
+
+FileDigest digest_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  MOE_CHECK(f != nullptr, "{}: cannot open: {}", path, std::strerror(errno));
+  data::Sha256 h;
+  FileDigest d;
+  std::vector<uint8_t> buf(4 << 20);
+  for (size_t n; (n = std::fread(buf.data(), 1, buf.size(), f)) > 0;) {
+    h.update({buf.data(), n});
+    d.size += static_cast<int64_t>(n);
+  }
+  const bool failed = std::ferror(f) != 0;
+  std::fclose(f);
+  MOE_CHECK(!failed, "{}: read error while hashing", path);
+  d.sha256 = h.hex();
+  return d;
+}
+
+std::string latest_step_dir(const std::string& root) {
+  const fs::path latest = fs::path(root) / kLatestName;
+  if (!fs::exists(latest)) return {};
+  std::ifstream is(latest);
+  std::string name;
+  std::getline(is, name);
+  MOE_CHECK(!name.empty() && name.find('/') == std::string::npos, "{}: expected a step directory name, found '{}'",
+            latest.string(), name);
+  const fs::path dir = fs::path(root) / name;
+  MOE_CHECK(fs::exists(dir / kManifestName), "{} names {}, which holds no {}", latest.string(), dir.string(),
+            kManifestName);
+  return dir.string();
+}
+
+std::string resolve_checkpoint(const std::string& path) {
+  MOE_CHECK(fs::exists(path), "{}: no such checkpoint (expected a step directory or a checkpoint directory with '{}')",
+            path, kLatestName);
+  if (fs::exists(fs::path(path) / kManifestName)) return path;
+  const std::string latest = latest_step_dir(path);
+  MOE_CHECK(!latest.empty(), "{}: not a checkpoint: neither {} nor {} is there", path, kManifestName, kLatestName);
+  return latest;
+}
+
+Manifest read_manifest(const std::string& step_dir) {
+  const std::string path = (fs::path(step_dir) / kManifestName).string();
+  std::ifstream is(path, std::ios::binary);
+  MOE_CHECK(is.good(), "{}: cannot read the manifest: {}", path, std::strerror(errno));
+  Manifest m;
+  MOE_CHECK(m.ParseFromIstream(&is), "{}: not a valid checkpoint manifest (protobuf parse failed)", path);
+  MOE_CHECK(m.format_version() == kFormatVersion, "{}: format version {}, this moeforge reads version {}", path,
+            m.format_version(), kFormatVersion);
+  MOE_CHECK(m.tensors_size() > 0 && m.files_size() > 0, "{}: the manifest lists no tensors or no files", path);
+  return m;
+}
+
+}  // namespace moeforge::checkpoint

@@ -1,0 +1,90 @@
+// HDF5 shard files: one file per writing rank, one dataset per stored tensor block.
+//
+// A dataset is an f32 (little-endian IEEE) array with chunked layout and the Fletcher-32 filter,
+// so every chunk carries its own checksum and a damaged chunk fails its read with an error that
+// names the file and the dataset. Each dataset carries attributes describing the block in model
+// coordinates: `name` (canonical tensor name), `kind` ("param", "exp_avg", "exp_avg_sq"),
+// `global_shape` and `offset` (int64 arrays, same rank as the block).
+//
+// Every HDF5 call goes through MOE_H5_CHECK; a failure throws moeforge::Error naming the file,
+// the dataset and HDF5's own description of the innermost error (e.g. "data corrupted" for a
+// Fletcher-32 mismatch). HDF5's automatic error printing is turned off.
+//
+// Threads: the serial HDF5 library is not thread-safe. moeforge uses HDF5 from one thread at a
+// time (a background save owns it until it finishes; load and inspect run while no save is in
+// flight — checkpoint/save.h enforces this by joining the writer first).
+#pragma once
+
+#include <hdf5.h>
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace moeforge::checkpoint {
+
+namespace detail {
+// The description of the innermost error on HDF5's error stack, then clears the stack.
+std::string h5_error_text();
+[[noreturn]] void h5_failed(const char* statement, const std::string& where, const char* file, int line);
+}  // namespace detail
+
+// Checks an HDF5 return value (negative means failure) and yields it; `where` names the file
+// and dataset for the message.
+#define MOE_H5_CHECK(stmt, where)                                                              \
+  ([&]() {                                                                                     \
+    const auto moe_h5_rc_ = (stmt);                                                            \
+    if (moe_h5_rc_ < 0) [[unlikely]] ::moeforge::checkpoint::detail::h5_failed(#stmt, (where), __FILE__, __LINE__); \
+    return moe_h5_rc_;                                                                         \
+  }())
+
+// The description a dataset carries.
+struct BlockAttrs {
+  std::string name;
+  std::string kind;
+  std::vector<int64_t> global_shape;
+  std::vector<int64_t> offset;
+};
+
+class H5File {
+ public:
+  // Creates (truncating) a shard file for writing.
+  static H5File create(const std::string& path);
+  // Opens an existing shard file read-only; a missing file throws naming it.
+  static H5File open(const std::string& path);
+
+  H5File(H5File&& other) noexcept;
+  H5File& operator=(H5File&& other) noexcept;
+  H5File(const H5File&) = delete;
+  H5File& operator=(const H5File&) = delete;
+  ~H5File();
+
+  const std::string& path() const { return path_; }
+
+  // Writes `data`, a row-major block of `shape`, as dataset `dataset` (intermediate groups are
+  // created), chunked with Fletcher-32, with the attributes `attrs`.
+  void write(const std::string& dataset, const float* data, std::span<const int64_t> shape, const BlockAttrs& attrs);
+
+  // The shape of a dataset; throws naming file and dataset unless it is f32.
+  std::vector<int64_t> f32_shape(const std::string& dataset) const;
+  // Reads the box [src_offset, src_offset + count) of the dataset into `dst`, a row-major
+  // buffer of shape dst_shape, at dst_offset (HDF5 scatters it in place).
+  void read(const std::string& dataset, std::span<const int64_t> src_offset, std::span<const int64_t> count,
+            float* dst, std::span<const int64_t> dst_shape, std::span<const int64_t> dst_offset) const;
+  BlockAttrs attrs(const std::string& dataset) const;
+  // Every dataset's path in the file ("param/embed.weight", ...), sorted.
+  std::vector<std::string> datasets() const;
+
+  // Flushes and closes; errors surface here rather than in the destructor.
+  void close();
+
+ private:
+  H5File(hid_t id, std::string path) : id_(id), path_(std::move(path)) {}
+  std::string where(const std::string& dataset) const;
+
+  hid_t id_ = H5I_INVALID_HID;
+  std::string path_;
+};
+
+}  // namespace moeforge::checkpoint
