@@ -38,8 +38,27 @@ inline int64_t matrix_rows(const Tensor& t) {
 
 }  // namespace moeforge::ops::detail
 
-// Runs the CPU kernel cpu::OP for CPU tensors. The CUDA backend (runtime/cuda/) adds its kernels
-// behind this one switch; until an op has one, a device tensor gets a clear error.
+// Runs the CPU kernel cpu::OP for CPU tensors, and the CUDA kernel cuda::OP
+// (runtime/cuda/kernels.h) for CUDA tensors when the CUDA backend is built; otherwise a device
+// tensor gets a clear error.
+#ifdef MOEFORGE_WITH_CUDA
+#include "runtime/cuda/kernels.h"
+#define MOE_DISPATCH(OP, DEVICE, ...)                                  \
+  do {                                                                 \
+    if ((DEVICE).is_cpu()) {                                           \
+      ::moeforge::cpu::OP(__VA_ARGS__);                                \
+    } else if ((DEVICE).is_cuda()) {                                   \
+      ::moeforge::cuda::OP(__VA_ARGS__);                               \
+    } else {                                                           \
+      ::moeforge::ops::detail::no_backend(#OP, (DEVICE));              \
+    }                                                                  \
+  } while (0)
+// The same for an op that returns a value (sum_squares): an expression.
+#define MOE_DISPATCH_VALUE(OP, DEVICE, ...)                                               \
+  ((DEVICE).is_cpu()    ? ::moeforge::cpu::OP(__VA_ARGS__)                                \
+   : (DEVICE).is_cuda() ? ::moeforge::cuda::OP(__VA_ARGS__)                               \
+                        : (::moeforge::ops::detail::no_backend(#OP, (DEVICE)), decltype(::moeforge::cpu::OP(__VA_ARGS__)){}))
+#else
 #define MOE_DISPATCH(OP, DEVICE, ...)                                  \
   do {                                                                 \
     if ((DEVICE).is_cpu()) {                                           \
@@ -48,3 +67,7 @@ inline int64_t matrix_rows(const Tensor& t) {
       ::moeforge::ops::detail::no_backend(#OP, (DEVICE));              \
     }                                                                  \
   } while (0)
+#define MOE_DISPATCH_VALUE(OP, DEVICE, ...)                                               \
+  ((DEVICE).is_cpu() ? ::moeforge::cpu::OP(__VA_ARGS__)                                   \
+                     : (::moeforge::ops::detail::no_backend(#OP, (DEVICE)), decltype(::moeforge::cpu::OP(__VA_ARGS__)){}))
+#endif

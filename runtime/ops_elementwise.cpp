@@ -50,13 +50,7 @@ void scale_(const Tensor& t, float alpha) {
 double sum_squares(const Tensor& t) {
   const Device dev = check_same_device("sum_squares", {{"t", t}});
   check_dtype("sum_squares", {"t", t}, DType::kF32);
-  double result = 0.0;
-  if (dev.is_cpu()) {
-    result = cpu::sum_squares(t);
-  } else {
-    detail::no_backend("sum_squares", dev);
-  }
-  return result;
+  return MOE_DISPATCH_VALUE(sum_squares, dev, t);
 }
 
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c, bool accumulate,

@@ -196,6 +196,26 @@ Tensor Tensor::to(DType dtype) const {
   return t;
 }
 
+Tensor Tensor::to_device(Device device) const {
+  MOE_CHECK(defined(), "Tensor::to_device: tensor is undefined");
+  if (device.is_cpu() && this->device().is_cpu()) return clone();
+#ifdef MOEFORGE_WITH_CUDA
+  Tensor t = empty(shape_, dtype_, device);
+  if (device.is_cpu()) {
+    cuda::copy_device_to_host(t.raw_data(), raw_data(), nbytes(), this->device().index);
+  } else if (this->device().is_cpu()) {
+    cuda::copy_host_to_device(t.raw_data(), raw_data(), nbytes(), device.index);
+  } else {
+    MOE_CHECK(device == this->device(), "Tensor::to_device: {} -> {}: copies between two GPUs are not supported",
+              this->device().str(), device.str());
+    cuda::copy_device_to_device(t.raw_data(), raw_data(), nbytes(), device.index);
+  }
+  return t;
+#else
+  MOE_THROW("Tensor::to_device: cannot copy {} to {}: moeforge was built without CUDA", str(), device.str());
+#endif
+}
+
 std::vector<float> Tensor::to_floats() const {
   MOE_CHECK(device().is_cpu(), "Tensor::to_floats on {}: copy to the host first", device().str());
   std::vector<float> out(static_cast<size_t>(numel()));

@@ -103,6 +103,9 @@ class Tensor {
   // CPU only: values converted to fp32 / to another dtype (round-to-nearest-even for 16-bit).
   Tensor to(DType dtype) const;
   std::vector<float> to_floats() const;
+  // Copy on another device (CPU <-> CUDA, or the same device), same dtype and shape. A copy to
+  // the host waits for the device; a copy to a device is ordered on its compute stream.
+  Tensor to_device(Device device) const;
 
  private:
   std::shared_ptr<Storage> storage_;

@@ -1,0 +1,142 @@
+// Launchers of the CUDA kernels: plain pointers, sizes and the stream, no Tensor (see the note in
+// runtime/cuda/common.cuh on why the .cu files stay free of fmt). Each enqueues its kernels on
+// `s` and returns cudaGetLastError() of the launch; the Tensor-level ops in runtime/cuda/ops_*.cpp
+// validate sizes against the grid limits, allocate the scratch named here, and check the status.
+// Shapes and semantics are those of runtime/ops.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "runtime/dtype.h"
+
+namespace moeforge::cuda::launch {
+
+// ---- elementwise.cu ----
+cudaError_t fill(void* p, DType dtype, int64_t n, float value, cudaStream_t s);
+cudaError_t add(const float* a, const float* b, float* out, int64_t n, cudaStream_t s);
+cudaError_t axpy(float* dst, const float* src, float alpha, int64_t n, cudaStream_t s);
+cudaError_t scale(float* p, float alpha, int64_t n, cudaStream_t s);
+// scratch: kSumSquaresScratch doubles; the result lands in scratch[kSumSquaresScratch - 1].
+constexpr int kSumSquaresScratch = 513;
+cudaError_t sum_squares(const float* p, int64_t n, double* scratch, cudaStream_t s);
+// f32, bf16 and f16 in any combination.
+cudaError_t cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n, cudaStream_t s);
+
+// ---- embedding.cu ----
+cudaError_t embedding_fwd(const int32_t* ids, int64_t n, const float* table, int64_t rows, int64_t c, float* out,
+                          int64_t vocab_start, int64_t vocab_size, cudaStream_t s);
+// Scratch of the backward: keys and positions of 2 n int32 each, and the sort's temp storage.
+size_t embedding_bwd_temp_bytes(int64_t n, int64_t rows);
+cudaError_t embedding_bwd(const int32_t* ids, int64_t n, const float* dout, float* dtable, int64_t rows, int64_t c,
+                          int64_t vocab_start, int64_t vocab_size, int32_t* keys, int32_t* positions, void* temp,
+                          size_t temp_bytes, cudaStream_t s);
+
+// ---- rmsnorm.cu ----
+cudaError_t rmsnorm_fwd(const float* x, const float* w, float eps, float* out, float* rstd, int64_t n, int64_t c,
+                        cudaStream_t s);
+// Chunks of rows the dw reduction uses; partial holds chunks * c floats.
+int64_t rmsnorm_bwd_chunks(int64_t n);
+cudaError_t rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dout, float* dx, float* dw,
+                        int64_t n, int64_t c, float* partial, cudaStream_t s);
+
+// ---- rope_swiglu.cu ----
+// x, out (B, T, H, D); sign +1 forward, -1 the inverse rotation; table holds 2 * T * (D / 2) floats.
+cudaError_t rope(const float* x, float* out, int64_t b, int64_t t, int64_t h, int64_t d, float theta, float sign,
+                 float* table, cudaStream_t s);
+cudaError_t swiglu_fwd(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s);
+cudaError_t swiglu_bwd(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n,
+                       cudaStream_t s);
+
+// ---- cross_entropy.cu ----
+cudaError_t cross_entropy_fwd(const float* logits, const int32_t* targets, float* losses, float* lse, int64_t n,
+                              int64_t v, cudaStream_t s);
+cudaError_t cross_entropy_partial_fwd(const float* logits, const int32_t* targets, int64_t n, int64_t v,
+                                      int64_t vocab_start, int64_t valid_cols, float* partial, cudaStream_t s);
+cudaError_t cross_entropy_combine(const float* partials, const int32_t* targets, int64_t r_count, int64_t n,
+                                  int64_t vocab_size, float* losses, float* lse, cudaStream_t s);
+// valid_cols < 0: the whole vocabulary, and targets >= v give NaN rows.
+cudaError_t cross_entropy_bwd(const float* logits, const int32_t* targets, const float* lse, float scale,
+                              float* dlogits, int64_t n, int64_t v, int64_t vocab_start, int64_t valid_cols,
+                              cudaStream_t s);
+
+// ---- attention.cu ----
+struct AttentionDims {
+  int64_t B, T, H, Hkv, D;
+};
+constexpr int64_t kAttentionMaxHeadDim = 256;
+cudaError_t attention_fwd(const AttentionDims& d, const float* q, const float* k, const float* v, float scale,
+                          float* out, float* lse, cudaStream_t s);
+// delta: scratch of B * H * T floats.
+cudaError_t attention_bwd(const AttentionDims& d, const float* q, const float* k, const float* v, const float* out,
+                          const float* lse, const float* dout, float scale, float* dq, float* dk, float* dv,
+                          float* delta, cudaStream_t s);
+
+// ---- grouped_gemm.cu ----
+cudaError_t grouped_gemm_fwd(const float* x, const float* w, const int64_t* offsets, float* out, int64_t m,
+                             int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s);
+cudaError_t grouped_gemm_bwd(const float* x, const float* w, const int64_t* offsets, const float* dout, float* dx,
+                             float* dw, int64_t m, int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s);
+
+// ---- router.cu ----
+cudaError_t router_fwd(const float* logits, int64_t n, int64_t e, bool sigmoid, int k, const float* bias,
+                       float* weights, int32_t* experts, float* probs, cudaStream_t s);
+cudaError_t router_bwd(const float* logits, int64_t n, int64_t e, bool sigmoid, int k, const int32_t* experts,
+                       const float* dweights, const float* dprobs, float* dlogits, cudaStream_t s);
+// scratch: e doubles.
+cudaError_t moe_aux_loss_fwd(const float* probs, const int64_t* counts, int64_t n, int64_t e, int k,
+                             int64_t num_tokens, float* loss, double* scratch, cudaStream_t s);
+cudaError_t moe_aux_loss_bwd(const int64_t* counts, int64_t n, int64_t e, int k, int64_t num_tokens, float scale,
+                             float* dprobs, cudaStream_t s);
+// scratch: n floats.
+cudaError_t router_z_loss_fwd(const float* logits, int64_t n, int64_t e, int64_t num_tokens, float* loss,
+                              float* scratch, cudaStream_t s);
+cudaError_t router_z_loss_bwd(const float* logits, int64_t n, int64_t e, int64_t num_tokens, float scale,
+                              float* dlogits, cudaStream_t s);
+
+// ---- moe_dispatch.cu ----
+// Stable ranks of expert ids run in chunks; scratch holds rank_chunks(count) * e int64.
+int64_t rank_chunks(int64_t count);
+constexpr int64_t kMaxRankExperts = 4096;  // 8-byte shared-memory cursors per chunk
+cudaError_t moe_plan(const int32_t* experts, int64_t m, int64_t e, int32_t* positions, int64_t* offsets,
+                     int64_t* scratch, cudaStream_t s);
+// experts, dispatch (n, k); base (k, e). scratch as for moe_plan with count n.
+cudaError_t moe_apply_capacity(const int32_t* experts, int64_t n, int64_t k, int64_t e, int64_t capacity,
+                               const int64_t* base, int32_t* dispatch, int64_t* scratch, cudaStream_t s);
+// x (n, c), positions (n, k), out (m, c).
+cudaError_t moe_permute_fwd(const float* x, const int32_t* positions, float* out, int64_t n, int64_t k, int64_t c,
+                            int64_t m, cudaStream_t s);
+cudaError_t moe_permute_bwd(const float* dout, const int32_t* positions, float* dx, int64_t n, int64_t k, int64_t c,
+                            int64_t m, cudaStream_t s);
+cudaError_t moe_unpermute_fwd(const float* y, const int32_t* positions, const float* weights, float* out, int64_t n,
+                              int64_t k, int64_t c, int64_t m, cudaStream_t s);
+cudaError_t moe_unpermute_bwd(const float* y, const int32_t* positions, const float* weights, const float* dout,
+                              float* dy, float* dweights, int64_t n, int64_t k, int64_t c, int64_t m, cudaStream_t s);
+
+// ---- adamw.cu ----
+// Per-step scalars of the AdamW update (see optim/adamw.h), each rounded to f32 once.
+struct AdamWCoefficients {
+  float decay;  // 1 - lr * wd, for tensors with weight decay
+  float beta1, one_minus_beta1;
+  float beta2, one_minus_beta2;
+  float step_size;   // lr / (1 - beta1^t)
+  float bias2_sqrt;  // sqrt(1 - beta2^t)
+  float eps;
+};
+// One tensor of the update: fp32 master p, gradient g, moments m and v (n elements each), and an
+// optional bf16 copy of p written after the update (the compute weights of mixed precision).
+struct AdamWTensor {
+  float* p;
+  const float* g;
+  float* m;
+  float* v;
+  void* p_bf16;  // __nv_bfloat16*, or nullptr
+  int64_t n;
+  bool decay;
+};
+// All tensors in as few launches as fit the kernel-argument limit (multi-tensor apply).
+cudaError_t adamw(const AdamWTensor* tensors, int64_t count, const AdamWCoefficients& c, cudaStream_t s);
+
+}  // namespace moeforge::cuda::launch

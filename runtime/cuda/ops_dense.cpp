@@ -1,0 +1,157 @@
+// Tensor-level CUDA dense per-token ops and attention: grid-limit checks, scratch from the caching
+// allocator, launch status checks (kernels in embedding.cu, rmsnorm.cu, rope_swiglu.cu,
+// cross_entropy.cu and attention.cu).
+#include "runtime/cuda/cuda_check.h"
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/kernels.h"
+#include "runtime/cuda/launchers.h"
+
+namespace moeforge::cuda {
+namespace {
+
+// One block per row: the row count must fit the grid's x dimension.
+void check_row_grid(const char* op, int64_t rows) {
+  MOE_CHECK(rows < (int64_t{1} << 31), "{}: {} rows exceed the CUDA grid (one block per row)", op, rows);
+}
+
+cudaStream_t stream_of(const Tensor& t) { return stream(t.device().index); }
+
+}  // namespace
+
+void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out, int64_t vocab_start,
+                   int64_t vocab_size) {
+  const int64_t n = ids.numel(), c = table.dim(1);
+  if (n == 0 || c == 0) return;
+  check_row_grid("embedding_fwd", n);
+  MOE_CUDA_CHECK(launch::embedding_fwd(ids.data<int32_t>(), n, table.data<float>(), table.dim(0), c, out.data<float>(),
+                                       vocab_start, vocab_size, stream_of(out)));
+}
+
+void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable, int64_t vocab_start,
+                   int64_t vocab_size) {
+  const int64_t n = ids.numel(), rows = dtable.dim(0), c = dtable.dim(1);
+  if (n == 0 || c == 0) return;
+  MOE_CHECK(n < (int64_t{1} << 31) && rows < (int64_t{1} << 31) - 1,
+            "embedding_bwd: {} ids or {} table rows exceed the 32-bit sort keys", n, rows);
+  const size_t temp_bytes = launch::embedding_bwd_temp_bytes(n, rows);
+  MOE_CHECK(temp_bytes > 0, "embedding_bwd: CUB reports no temp storage size for sorting {} ids", n);
+  const Tensor keys = Tensor::empty({2 * n}, DType::kI32, ids.device());
+  const Tensor positions = Tensor::empty({2 * n}, DType::kI32, ids.device());
+  const Tensor temp = Tensor::empty({static_cast<int64_t>(temp_bytes)}, DType::kBF16, ids.device());  // >= bytes
+  MOE_CUDA_CHECK(launch::embedding_bwd(ids.data<int32_t>(), n, dout.data<float>(), dtable.data<float>(), rows, c,
+                                       vocab_start, vocab_size, keys.data<int32_t>(), positions.data<int32_t>(),
+                                       temp.raw_data(), temp_bytes, stream_of(ids)));
+}
+
+void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& out, const Tensor& rstd) {
+  const int64_t c = w.numel(), n = x.numel() / c;
+  if (n == 0) return;
+  check_row_grid("rmsnorm_fwd", n);
+  MOE_CUDA_CHECK(launch::rmsnorm_fwd(x.data<float>(), w.data<float>(), eps, out.data<float>(), rstd.data<float>(), n,
+                                     c, stream_of(x)));
+}
+
+void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dout, const Tensor& dx,
+                 const Tensor& dw) {
+  const int64_t c = w.numel(), n = x.numel() / c;
+  if (n == 0) return;
+  check_row_grid("rmsnorm_bwd", n);
+  const int64_t chunks = launch::rmsnorm_bwd_chunks(n);
+  MOE_CHECK(chunks < 65536, "rmsnorm_bwd: {} rows exceed the CUDA grid ({} chunks)", n, chunks);
+  const Tensor partial = Tensor::empty({chunks, c}, DType::kF32, x.device());
+  MOE_CUDA_CHECK(launch::rmsnorm_bwd(x.data<float>(), w.data<float>(), rstd.data<float>(), dout.data<float>(),
+                                     dx.data<float>(), dw.data<float>(), n, c, partial.data<float>(), stream_of(x)));
+}
+
+namespace {
+void rope_rotate(const Tensor& x, float theta, float sign, const Tensor& out) {
+  const int64_t b = x.dim(0), t = x.dim(1), h = x.dim(2), d = x.dim(3);
+  if (b * t * h == 0 || d == 0) return;
+  const Tensor table = Tensor::empty({2, t, d / 2}, DType::kF32, x.device());
+  MOE_CUDA_CHECK(
+      launch::rope(x.data<float>(), out.data<float>(), b, t, h, d, theta, sign, table.data<float>(), stream_of(x)));
+}
+}  // namespace
+
+void rope_fwd(const Tensor& x, float theta, const Tensor& out) { rope_rotate(x, theta, 1.0f, out); }
+
+void rope_bwd(const Tensor& dout, float theta, const Tensor& dx) { rope_rotate(dout, theta, -1.0f, dx); }
+
+void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out) {
+  if (gate.numel() == 0) return;
+  MOE_CUDA_CHECK(launch::swiglu_fwd(gate.data<float>(), up.data<float>(), out.data<float>(), gate.numel(),
+                                    stream_of(gate)));
+}
+
+void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dout, const Tensor& dgate, const Tensor& dup) {
+  if (gate.numel() == 0) return;
+  MOE_CUDA_CHECK(launch::swiglu_bwd(gate.data<float>(), up.data<float>(), dout.data<float>(), dgate.data<float>(),
+                                    dup.data<float>(), gate.numel(), stream_of(gate)));
+}
+
+void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& losses, const Tensor& lse) {
+  const int64_t n = logits.dim(0);
+  if (n == 0) return;
+  check_row_grid("cross_entropy_fwd", n);
+  MOE_CUDA_CHECK(launch::cross_entropy_fwd(logits.data<float>(), targets.data<int32_t>(), losses.data<float>(),
+                                           lse.data<float>(), n, logits.dim(1), stream_of(logits)));
+}
+
+void cross_entropy_partial_fwd(const Tensor& logits, const Tensor& targets, int64_t vocab_start, int64_t valid_cols,
+                               const Tensor& partial) {
+  const int64_t n = logits.dim(0);
+  if (n == 0) return;
+  check_row_grid("cross_entropy_partial_fwd", n);
+  MOE_CUDA_CHECK(launch::cross_entropy_partial_fwd(logits.data<float>(), targets.data<int32_t>(), n, logits.dim(1),
+                                                   vocab_start, valid_cols, partial.data<float>(), stream_of(logits)));
+}
+
+void cross_entropy_combine(const Tensor& partials, const Tensor& targets, int64_t vocab_size, const Tensor& losses,
+                           const Tensor& lse) {
+  const int64_t n = partials.dim(1);
+  if (n == 0) return;
+  MOE_CUDA_CHECK(launch::cross_entropy_combine(partials.data<float>(), targets.data<int32_t>(), partials.dim(0), n,
+                                               vocab_size, losses.data<float>(), lse.data<float>(),
+                                               stream_of(partials)));
+}
+
+void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor& lse, float scale,
+                       const Tensor& dlogits, int64_t vocab_start, int64_t valid_cols) {
+  const int64_t n = logits.dim(0);
+  if (n == 0) return;
+  check_row_grid("cross_entropy_bwd", n);
+  MOE_CUDA_CHECK(launch::cross_entropy_bwd(logits.data<float>(), targets.data<int32_t>(), lse.data<float>(), scale,
+                                           dlogits.data<float>(), n, logits.dim(1), vocab_start, valid_cols,
+                                           stream_of(logits)));
+}
+
+namespace {
+launch::AttentionDims attention_dims(const char* op, const Tensor& q, const Tensor& k) {
+  const launch::AttentionDims d{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+  MOE_CHECK(d.D <= launch::kAttentionMaxHeadDim, "{}: head dim {} of q {} exceeds the CUDA kernel's maximum of {}",
+            op, d.D, q.shape().str(), launch::kAttentionMaxHeadDim);
+  MOE_CHECK(d.B * d.H * d.T / 4 < (int64_t{1} << 31), "{}: q {} has too many rows for the CUDA grid", op,
+            q.shape().str());
+  return d;
+}
+}  // namespace
+
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
+                   const Tensor& lse) {
+  const launch::AttentionDims d = attention_dims("attention_fwd", q, k);
+  if (d.B * d.H * d.T == 0) return;
+  MOE_CUDA_CHECK(launch::attention_fwd(d, q.data<float>(), k.data<float>(), v.data<float>(), scale, out.data<float>(),
+                                       lse.data<float>(), stream_of(q)));
+}
+
+void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  const launch::AttentionDims d = attention_dims("attention_bwd", q, k);
+  if (d.B * d.H * d.T == 0) return;
+  const Tensor delta = Tensor::empty({d.B, d.H, d.T}, DType::kF32, q.device());
+  MOE_CUDA_CHECK(launch::attention_bwd(d, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(),
+                                       lse.data<float>(), dout.data<float>(), scale, dq.data<float>(), dk.data<float>(),
+                                       dv.data<float>(), delta.data<float>(), stream_of(q)));
+}
+
+}  // namespace moeforge::cuda

@@ -1,0 +1,169 @@
+// Benchmark (a program, not a test) of the CUDA backend on one device: device-to-device copy
+// bandwidth (the yardstick), cuBLASLt GEMM TFLOP/s in bf16 (all four transpose combinations) and
+// fp32, and the memory-bound ops' effective GB/s (bytes each op must read and write, over its
+// time) as a fraction of the copy. Times are medians of event-timed runs on the compute stream
+// after warm-up. Prints one table; scripts/gpu-check.sh runs it.
+//
+//   bench_cuda_ops [--quick]
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "runtime/cuda/adamw.h"
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/device_alloc.h"
+#include "runtime/cuda/kernels.h"
+#include "runtime/ops.h"
+
+namespace moeforge {
+namespace {
+
+const Device kGpu = Device::cuda(0);
+
+Tensor filled(const Shape& s, float v, DType dtype = DType::kF32) {
+  Tensor t = Tensor::empty(s, dtype, kGpu);
+  ops::fill(t, v);
+  return t;
+}
+
+// Median milliseconds of fn over `iters` timed runs after 2 warm-up runs.
+double time_ms(const std::function<void()>& fn, int iters) {
+  const cudaStream_t s = cuda::stream(0);
+  for (int i = 0; i < 2; ++i) fn();
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    cuda::Event start(true), stop(true);
+    start.record(s);
+    fn();
+    stop.record(s);
+    stop.synchronize();
+    ms.push_back(stop.elapsed_ms(start));
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+struct Row {
+  std::string name, size;
+  double ms, rate;
+  const char* unit;
+  double of_copy;  // fraction of the copy bandwidth, < 0 when not a bandwidth
+};
+
+}  // namespace
+}  // namespace moeforge
+
+int main(int argc, char** argv) {
+  using namespace moeforge;
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  if (cuda::device_count() == 0) {
+    std::printf("bench_cuda_ops: no CUDA device\n");
+    return 1;
+  }
+  const int iters = quick ? 5 : 20;
+  std::vector<Row> rows;
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+
+  // ---- copy: the bandwidth yardstick ----
+  const int64_t copy_n = int64_t{1} << 28;  // 1 GiB of f32
+  double copy_gbs = 0;
+  {
+    const Tensor a = filled({copy_n}, 1.0f), b = filled({copy_n}, 0.0f);
+    const double ms = time_ms([&] { ops::copy(a, b); }, iters);
+    copy_gbs = 2.0 * a.nbytes() / ms / 1e6;
+    rows.push_back({"d2d copy", "1 GiB", ms, copy_gbs, "GB/s", 1.0});
+  }
+  const auto bandwidth = [&](const std::string& name, const std::string& size, double bytes,
+                             const std::function<void()>& fn) {
+    const double ms = time_ms(fn, iters);
+    const double gbs = bytes / ms / 1e6;
+    rows.push_back({name, size, ms, gbs, "GB/s", gbs / copy_gbs});
+  };
+
+  // ---- GEMM ----
+  {
+    const int64_t n = quick ? 4096 : 8192;
+    const Tensor a = filled({n, n}, 0.01f, DType::kBF16), b = filled({n, n}, 0.02f, DType::kBF16);
+    const Tensor c = filled({n, n}, 0.0f, DType::kBF16);
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = t & 1, tb = t & 2;
+      const double ms = time_ms([&] { cuda::gemm(a, ta, b, tb, c, false, 1.0f); }, iters);
+      rows.push_back({std::string("gemm bf16 ") + (ta ? "T" : "N") + (tb ? "T" : "N"),
+                      std::to_string(n) + "^3", ms, 2.0 * n * n * n / ms / 1e9, "TFLOP/s", -1});
+    }
+    const int64_t m = 4096;
+    const Tensor af = filled({m, m}, 0.01f), bf = filled({m, m}, 0.02f), cf = filled({m, m}, 0.0f);
+    const double ms = time_ms([&] { ops::gemm(af, false, bf, false, cf); }, iters);
+    rows.push_back({"gemm fp32 NN", "4096^3", ms, 2.0 * m * m * m / ms / 1e9, "TFLOP/s", -1});
+  }
+
+  // ---- memory-bound ops ----
+  const int64_t n = quick ? 4096 : 16384, c = 4096;
+  {
+    const Tensor x = filled({n, c}, 0.5f), w = filled({c}, 1.0f), out = filled({n, c}, 0.0f), rstd = filled({n}, 0.0f);
+    bandwidth("rmsnorm_fwd", "16k x 4096", 2.0 * x.nbytes(), [&] { ops::rmsnorm_fwd(x, w, 1e-5f, out, rstd); });
+    const Tensor dx = filled({n, c}, 0.0f), dw = filled({c}, 0.0f);
+    bandwidth("rmsnorm_bwd", "16k x 4096", 4.0 * x.nbytes(), [&] { ops::rmsnorm_bwd(x, w, rstd, out, dx, dw); });
+    bandwidth("swiglu_fwd", "16k x 4096", 3.0 * x.nbytes(), [&] { ops::swiglu_fwd(x, out, dx); });
+    const Tensor q = x.reshape({n / 512, 512, 32, 128});
+    bandwidth("rope_fwd (in place)", "16k x 32 x 128", 2.0 * x.nbytes(), [&] { ops::rope_fwd(q, 10000.0f, q); });
+    const Tensor ids = filled({n}, 7.0f, DType::kI32), table = filled({32768, c}, 0.1f);
+    bandwidth("embedding_fwd", "16k x 4096", 2.0 * out.nbytes(), [&] { ops::embedding_fwd(ids, table, out); });
+    const int64_t k = 2;
+    const Tensor positions = Tensor::empty({n, k}, DType::kI32, kGpu), offsets = Tensor::empty({9}, DType::kI64, kGpu);
+    std::vector<int32_t> ex(static_cast<size_t>(n * k));
+    for (size_t i = 0; i < ex.size(); ++i) ex[i] = static_cast<int32_t>((i * 2654435761u) % 8);
+    const Tensor experts = Tensor::from_ints({n, k}, ex).to_device(kGpu);
+    bandwidth("moe_plan", "16k x 2 -> 8", 2.0 * experts.nbytes(), [&] { ops::moe_plan(experts, 8, positions, offsets); });
+    const Tensor xp = filled({n * k, c}, 0.0f);
+    bandwidth("moe_permute_fwd", "16k x 2 x 4096", 2.0 * xp.nbytes(), [&] { ops::moe_permute_fwd(x, positions, xp); });
+    const Tensor weights = filled({n, k}, 0.5f);
+    bandwidth("moe_unpermute_fwd", "16k x 2 x 4096", xp.nbytes() + out.nbytes(),
+              [&] { ops::moe_unpermute_fwd(xp, positions, weights, out); });
+  }
+  {
+    const int64_t rows_ce = quick ? 1024 : 4096, v = 32768;
+    const Tensor logits = filled({rows_ce, v}, 0.1f), targets = filled({rows_ce}, 3.0f, DType::kI32);
+    const Tensor losses = filled({rows_ce}, 0.0f), lse = filled({rows_ce}, 0.0f);
+    bandwidth("cross_entropy_fwd", "4k x 32k", logits.nbytes(), [&] { ops::cross_entropy_fwd(logits, targets, losses, lse); });
+    bandwidth("cross_entropy_bwd (in place)", "4k x 32k", 2.0 * logits.nbytes(),
+              [&] { ops::cross_entropy_bwd(logits, targets, lse, 1.0f, logits); });
+  }
+  {
+    const int64_t params = quick ? int64_t{1} << 24 : int64_t{1} << 27;
+    std::vector<cuda::AdamWEntry> entries;
+    for (int i = 0; i < 8; ++i) {
+      const Shape s{params / 8};
+      entries.push_back({filled(s, 0.1f), filled(s, 0.01f), filled(s, 0.0f), filled(s, 0.0f),
+                         filled(s, 0.0f, DType::kBF16), true});
+    }
+    const cuda::AdamWCoefficients coef{0.9999f, 0.9f, 0.1f, 0.95f, 0.05f, 1e-4f, 0.2f, 1e-8f};
+    // reads p, g, m, v; writes p, m, v (f32) and the bf16 copy
+    bandwidth("adamw (multi-tensor)", std::to_string(params >> 20) + "M params", params * (7.0 * 4 + 2),
+              [&] { cuda::adamw_step(entries, coef); });
+  }
+  {
+    const int64_t t = quick ? 512 : 1024;
+    const Tensor q = filled({1, t, 16, 128}, 0.1f), kv = filled({1, t, 4, 128}, 0.1f);
+    const Tensor out = filled({1, t, 16, 128}, 0.0f), lse = filled({1, 16, t}, 0.0f);
+    const double ms = time_ms([&] { ops::attention_fwd(q, kv, kv, 0.088f, out, lse); }, quick ? 3 : 5);
+    const double flops = 4.0 * 16 * 128 * t * t / 2;  // causal: half the score matrix
+    rows.push_back({"attention_fwd (plain fp32)", "T=" + std::to_string(t) + " H=16/4 D=128", ms, flops / ms / 1e9,
+                    "TFLOP/s", -1});
+  }
+
+  std::printf("\nCUDA backend benchmark on %s (%d SMs)%s\n", prop.name, prop.multiProcessorCount,
+              quick ? " [quick]" : "");
+  std::printf("%-30s %-24s %10s %12s %-8s %8s\n", "op", "size", "ms", "rate", "unit", "of copy");
+  for (const Row& r : rows) {
+    char frac[16] = "";
+    if (r.of_copy >= 0) std::snprintf(frac, sizeof(frac), "%.0f%%", 100.0 * r.of_copy);
+    std::printf("%-30s %-24s %10.3f %12.1f %-8s %8s\n", r.name.c_str(), r.size.c_str(), r.ms, r.rate, r.unit, frac);
+  }
+  return 0;
+}

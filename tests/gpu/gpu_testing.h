@@ -1,0 +1,80 @@
+// Helpers of the gpu-labelled tests: skipping without a device, moving tensors, poisoned outputs
+// and the CUDA-vs-CPU comparison every test uses.
+//
+// The pattern (ggml's backend tests, llm.c's dev/cuda): build random inputs on the CPU, run the op
+// on the CPU (the reference) and on the GPU with outputs pre-filled with NaN (so an element the
+// kernel forgets to write fails the comparison), copy back, and compare normwise:
+//   ||gpu - cpu|| / ||cpu|| <= 1e-5 for fp32, 1e-2 for bf16.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "runtime/cuda/device_alloc.h"
+#include "runtime/ops.h"
+#include "runtime/tensor.h"
+
+namespace moeforge::gpu_testing {
+
+constexpr double kF32Tol = 1e-5;
+constexpr double kBF16Tol = 1e-2;
+
+inline bool has_gpu() { return cuda::device_count() > 0; }
+
+inline Device gpu() { return Device::cuda(0); }
+
+// Every test starts with this: a clear, visible skip on machines without a GPU.
+#define MOE_REQUIRE_GPU()                                                                                  \
+  do {                                                                                                     \
+    if (!::moeforge::gpu_testing::has_gpu())                                                               \
+      GTEST_SKIP() << "no CUDA device visible: this gpu-labelled test compares the CUDA kernels with the " \
+                      "CPU ones and runs only where a GPU is present (scripts/gpu-check.sh)";              \
+  } while (0)
+
+inline Tensor to_gpu(const Tensor& t) { return t.to_device(gpu()); }
+inline Tensor to_cpu(const Tensor& t) { return t.to_device(Device::cpu()); }
+
+// A device tensor whose every element is garbage: NaN for floats, a large negative for integers.
+inline Tensor poisoned(const Shape& shape, DType dtype = DType::kF32) {
+  Tensor t = Tensor::empty(shape, dtype, gpu());
+  const bool is_float = dtype == DType::kF32 || dtype == DType::kBF16 || dtype == DType::kF16;
+  ops::fill(t, is_float ? std::numeric_limits<float>::quiet_NaN() : -777.0f);
+  return t;
+}
+
+// ||got - want|| / max(||want||, tiny) over the elements, in double; NaN anywhere gives +inf.
+inline double rel_err(const Tensor& got_any_device, const Tensor& want_cpu) {
+  const std::vector<float> got = to_cpu(got_any_device).to_floats();
+  const std::vector<float> want = want_cpu.to_floats();
+  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isnan(got[i]) != std::isnan(want[i])) return std::numeric_limits<double>::infinity();
+    if (std::isnan(want[i])) continue;
+    const double d = static_cast<double>(got[i]) - want[i];
+    num += d * d;
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+// The normwise relative error of got (any device) against want (CPU) is at most tol; more
+// context can be streamed in with <<.
+#define EXPECT_GPU_CLOSE(got, want, tol) \
+  EXPECT_LE(::moeforge::gpu_testing::rel_err((got), (want)), (tol)) << #got " vs " #want ": normwise relative error"
+
+// Integer results must match exactly.
+inline void expect_equal_ints(const Tensor& got_gpu, const Tensor& want_cpu, const char* what) {
+  const Tensor got = to_cpu(got_gpu);
+  ASSERT_EQ(got.numel(), want_cpu.numel()) << what;
+  ASSERT_EQ(got.dtype(), want_cpu.dtype()) << what;
+  const size_t bytes = want_cpu.nbytes();
+  EXPECT_EQ(0, std::memcmp(got.raw_data(), want_cpu.raw_data(), bytes)) << what << " differs from the CPU result";
+}
+
+}  // namespace moeforge::gpu_testing
