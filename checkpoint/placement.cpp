@@ -28,6 +28,7 @@ bool writes(const ParamSpec& spec, const ParallelSizes& sizes, int world_rank) {
   // World rank = pp * (dp * tp) + dp_rank * tp + tp_rank; a stage's ranks in order
   // pos = dp_rank * tp + tp_rank are cut into EP groups of `ep` consecutive ranks, and the
   // expert-DP group of a rank is its position inside its EP group (its expert-DP rank is pos / ep).
+  if (spec.replica) return false;  // the last stage's copy of tied embeddings: the first stage writes
   const int pos = world_rank % (sizes.tp * sizes.dp);
   const int dp_rank = pos / sizes.tp;
   switch (spec.shard_group) {

@@ -6,7 +6,8 @@
 //   split over TP (ShardGroup::kTP)   replicated over DP          -> dp rank 0
 //   split over EP (ShardGroup::kEP)   replicated over expert-DP   -> expert-DP rank 0
 //   not split                         replicated over the stage   -> stage rank 0 (tp 0, dp 0)
-// Each pipeline stage writes its own layers. The AdamW moments of a parameter are written by the
+// Each pipeline stage writes its own layers; the last stage's replica of tied embeddings is not
+// written (the first stage's copy is). The AdamW moments of a parameter are written by the
 // same rank, in the same box.
 //
 // Stored shapes leave out padding rows (ParamSpec::padded_rows): they depend on the layout (the

@@ -356,6 +356,11 @@ class Validator {
     }
     positive("model.expert_hidden", m.expert_hidden());
     non_negative("model.n_shared_experts", m.n_shared_experts());
+    if (m.n_dense_layers() < 0 || m.n_dense_layers() > m.n_layers()) {
+      origins_.fail({"model.n_dense_layers", "model.n_layers"},
+                    fmt::format("must be in [0, model.n_layers = {}], got {}", m.n_layers(), m.n_dense_layers()));
+    }
+    non_negative("model.dense_hidden", m.dense_hidden());
     positive("model.rope_theta", m.rope_theta());
     positive("model.norm_eps", m.norm_eps());
     non_negative("model.aux_loss_coef", m.aux_loss_coef());
@@ -394,10 +399,28 @@ class Validator {
           fmt::format("{} does not divide parallel.tp * parallel.dp = {}", p.ep(), product_text(p.tp(), p.dp())));
     }
     divides("parallel.ep", p.ep(), "model.n_experts", m.n_experts());
-    if (p.pp() > m.n_layers()) {
-      origins_.fail({"parallel.pp", "model.n_layers"},
-                    fmt::format("{} pipeline stages exceed model.n_layers = {} (each stage needs a layer)", p.pp(),
-                                m.n_layers()));
+    positive("parallel.virtual_stages", p.virtual_stages());
+    const bool interleaved = p.pp_schedule() == config::ParallelConfig::INTERLEAVED_1F1B;
+    if (interleaved != (p.virtual_stages() > 1)) {
+      origins_.fail({"parallel.pp_schedule", "parallel.virtual_stages"},
+                    interleaved ? std::string("INTERLEAVED_1F1B needs parallel.virtual_stages >= 2 model chunks per rank")
+                                : fmt::format("parallel.virtual_stages = {} needs pp_schedule: INTERLEAVED_1F1B",
+                                              p.virtual_stages()));
+    }
+    if (interleaved && p.pp() < 2) {
+      origins_.fail({"parallel.pp_schedule", "parallel.pp"}, "INTERLEAVED_1F1B needs parallel.pp >= 2");
+    }
+    try {
+      split_layers(m.n_layers(), p.pp(), p.virtual_stages(), p.pp_split());
+    } catch (const Error& e) {
+      const std::string_view what = e.what();
+      if (what.starts_with("parallel.pp_split")) {
+        origins_.fail({"parallel.pp_split"}, e.what());
+      } else if (what.starts_with("parallel.virtual_stages")) {
+        origins_.fail({"parallel.virtual_stages", "model.n_layers"}, e.what());
+      } else {
+        origins_.fail({"parallel.pp", "parallel.virtual_stages", "model.n_layers"}, e.what());
+      }
     }
     divides("parallel.tp", p.tp(), "model.n_heads", m.n_heads());
     divides("parallel.tp", p.tp(), "model.n_kv_heads", m.n_kv_heads());
@@ -432,6 +455,12 @@ class Validator {
       origins_.fail({"train.global_batch", "train.micro_batch", "parallel.dp"},
                     fmt::format("{} is not divisible by train.micro_batch * parallel.dp = {}", t.global_batch(),
                                 product_text(t.micro_batch(), dp)));
+    } else if (cfg_.parallel().pp_schedule() == config::ParallelConfig::INTERLEAVED_1F1B &&
+               (t.global_batch() / t.micro_batch() / dp) % cfg_.parallel().pp() != 0) {
+      origins_.fail({"train.global_batch", "train.micro_batch", "parallel.pp_schedule"},
+                    fmt::format("the interleaved schedule runs micro-batches in groups of parallel.pp = {}; the {} "
+                                "micro-batches per step and DP rank are not a multiple",
+                                cfg_.parallel().pp(), t.global_batch() / t.micro_batch() / dp));
     }
     positive("train.log_every", t.log_every());
     non_negative("train.eval_every", t.eval_every());
@@ -531,6 +560,20 @@ config::RunConfig load_run_config(const std::string& path, const std::vector<std
   return parse_run_config(text, path, overrides, world_size);
 }
 
+PipelineSplit pipeline_split_from(const config::RunConfig& run) {
+  const config::ParallelConfig& p = run.parallel();
+  return split_layers(run.model().n_layers(), p.pp(), p.virtual_stages(), p.pp_split());
+}
+
+PipelineSchedule pipeline_schedule_from(const config::RunConfig& run) {
+  switch (run.parallel().pp_schedule()) {
+    case config::ParallelConfig::ONE_F_ONE_B: return PipelineSchedule::k1F1B;
+    case config::ParallelConfig::GPIPE: return PipelineSchedule::kGPipe;
+    case config::ParallelConfig::INTERLEAVED_1F1B: return PipelineSchedule::kInterleaved;
+  }
+  MOE_THROW("parallel.pp_schedule: unknown value {}", static_cast<int>(run.parallel().pp_schedule()));
+}
+
 ModelConfig model_config_from(const config::RunConfig& run) {
   const config::ModelConfig& p = run.model();
   MOE_CHECK(p.n_heads() > 0, "model_config_from: model.n_heads must be > 0, got {}", p.n_heads());
@@ -545,6 +588,8 @@ ModelConfig model_config_from(const config::RunConfig& run) {
   m.top_k = p.top_k();
   m.expert_hidden = p.expert_hidden();
   m.n_shared_experts = p.n_shared_experts();
+  m.n_dense_layers = p.n_dense_layers();
+  m.dense_hidden = p.dense_hidden() > 0 ? p.dense_hidden() : int64_t{p.top_k()} * p.expert_hidden();
   switch (p.gating()) {
     case config::ModelConfig::SOFTMAX_TOPK: m.gating = ops::Gating::kSoftmaxTopK; break;
     case config::ModelConfig::SIGMOID_TOPK: m.gating = ops::Gating::kSigmoidTopK; break;

@@ -20,6 +20,8 @@
 
 #include "configs/moeforge.pb.h"
 #include "models/model_config.h"
+#include "models/pipeline_split.h"
+#include "parallel/pipeline_schedule.h"
 #include "runtime/error.h"
 
 namespace moeforge {
@@ -40,6 +42,9 @@ config::RunConfig load_run_config(const std::string& path, const std::vector<std
 config::RunConfig parse_run_config(const std::string& text, const std::string& source_name,
                                    const std::vector<std::string>& overrides, int world_size = 1);
 
+// The pipeline layer split and schedule of a validated run configuration.
+PipelineSplit pipeline_split_from(const config::RunConfig& run);
+PipelineSchedule pipeline_schedule_from(const config::RunConfig& run);
 // The model's hyper-parameters; head_dim 0 is taken as dim / n_heads.
 ModelConfig model_config_from(const config::RunConfig& run);
 

@@ -30,13 +30,15 @@ std::string format_duration(double seconds) {
   return fmt::format("{:02}:{:02}", s / 60, s % 60);
 }
 
-// Per layer: load (L, E+1) i64 = copies per expert, then dropped copies.
-std::vector<MoeLayerLoad> summarize_load(const Tensor& load) {
+// Per MoE layer: load (L, E+1) i64 = copies per expert, then dropped copies.
+std::vector<MoeLayerLoad> summarize_load(const Tensor& load, const MoeTransformer& model) {
   const int64_t L = load.dim(0), E = load.dim(1) - 1;
-  std::vector<MoeLayerLoad> out(static_cast<size_t>(L));
+  std::vector<MoeLayerLoad> out;
   for (int64_t i = 0; i < L; ++i) {
+    if (!model.is_moe_layer(static_cast<int>(i))) continue;
     const int64_t* c = load.data<int64_t>() + i * (E + 1);
-    MoeLayerLoad& l = out[static_cast<size_t>(i)];
+    MoeLayerLoad& l = out.emplace_back();
+    l.layer = static_cast<int>(i);
     l.min_tokens = *std::min_element(c, c + E);
     l.max_tokens = *std::max_element(c, c + E);
     double sum = 0.0, sq = 0.0;
@@ -87,7 +89,8 @@ Trainer::Trainer(const config::RunConfig& run, const ProcessGrid& grid) : run_(r
     val_sampler_ = std::make_unique<data::Sampler>(*val_data_, t.seq_len(), t.seed() ^ 0x76616c69646174ull);
   }
 
-  model_ = std::make_unique<MoeTransformer>(mc, grid_);
+  model_ = std::make_unique<MoeTransformer>(mc, grid_, pipeline_split_from(run_));
+  schedule_kind_ = pipeline_schedule_from(run_);
   model_->registry().init(t.seed());
   const auto& o = run_.optim();
   optimizer_ = std::make_unique<DistributedOptimizer>(
@@ -110,6 +113,57 @@ Trainer::Trainer(const config::RunConfig& run, const ProcessGrid& grid) : run_(r
   targets_ = Tensor::empty({t.micro_batch(), t.seq_len()}, DType::kI32);
 }
 
+int Trainer::p2p_tag(int model_chunk, int micro_batch, bool forward, int micro_batches) {
+  return 1 + ((model_chunk * micro_batches + micro_batch) * 2 + (forward ? 0 : 1));
+}
+
+void Trainer::fill(data::Sampler& sampler, uint64_t first_sample) {
+  sampler.fill_batch(first_sample, run_.train().micro_batch(), tokens_, targets_);
+}
+
+Trainer::PipelineRun Trainer::run_pipeline(int64_t micro_batches, uint64_t first_sample) {
+  const auto& t = run_.train();
+  Comm& pp = grid_.pp();
+  const int P = pp.size(), s = pp.rank(), G = model_->split().chunks();
+  const int m = static_cast<int>(micro_batches);
+  const int64_t rows = model_->local_rows(t.micro_batch(), t.seq_len()), C = model_->config().dim;
+  const float scale = 1.0f / static_cast<float>(micro_batches);
+  PipelineRun out;
+  const auto begin = std::chrono::steady_clock::now();
+  double compute = 0.0;
+  for (const PipelineAction& a : pipeline_actions(schedule_kind_, P, model_->chunks(), m, s)) {
+    const int g = model_->split().model_chunk(s, a.chunk);
+    fill(*train_sampler_, first_sample + static_cast<uint64_t>(a.micro_batch * t.micro_batch()));
+    Tensor in;
+    if (a.forward ? g > 0 : g < G - 1) {  // the input comes from the neighbouring pipeline rank
+      in = Tensor::empty({rows, C}, DType::kF32);
+      pp.recv(in, a.forward ? (s + P - 1) % P : (s + 1) % P, p2p_tag(g, a.micro_batch, a.forward, m));
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    Tensor result;
+    if (a.forward) {
+      ChunkLoss part;
+      result = model_->forward_chunk(a.chunk, a.micro_batch, tokens_, targets_, in, part);
+      out.ce += part.ce;
+      out.aux += part.aux;
+      out.z += part.z;
+      out.peak_activation_bytes = std::max(out.peak_activation_bytes, model_->activation_bytes());
+      out.max_in_flight = std::max(out.max_in_flight, model_->units_in_flight());
+    } else {
+      result = model_->backward_chunk(a.chunk, a.micro_batch, in, scale);
+    }
+    compute += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (result.defined()) {
+      const int next = a.forward ? g + 1 : g - 1;
+      pp.isend(result, a.forward ? (s + 1) % P : (s + P - 1) % P, p2p_tag(next, a.micro_batch, a.forward, m));
+    }
+  }
+  pp.wait_sends();
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  out.bubble = total > 0.0 ? std::max(0.0, 1.0 - compute / total) : 0.0;
+  return out;
+}
+
 StepMetrics Trainer::step() {
   const auto& t = run_.train();
   const auto start = std::chrono::steady_clock::now();
@@ -119,38 +173,42 @@ StepMetrics Trainer::step() {
   m.lr = schedule_->lr(step_);
 
   model_->registry().zero_grad();
+  model_->reset_load();
   const data::SampleRange range = data::dp_slice(step_, t.global_batch(), dp, grid_.dp().rank());
-  double sums[4] = {0.0, 0.0, 0.0, 0.0};  // loss, ce, aux, z summed over this rank's micro-batches
-  const ModelConfig& mc = model_->config();
-  const Tensor load = Tensor::zeros({mc.n_layers, mc.n_experts + 1}, DType::kI64);  // summed over micro-batches
-  for (int64_t mb = 0; mb < micro_batches; ++mb) {
-    train_sampler_->fill_batch(range.first + static_cast<uint64_t>(mb * t.micro_batch()), t.micro_batch(), tokens_,
-                               targets_);
-    const LossReport r = model_->forward(tokens_, targets_);
-    for (int64_t i = 0; i < load.numel(); ++i) load.data<int64_t>()[i] += model_->last_load().data<int64_t>()[i];
-    model_->backward(1.0f / static_cast<float>(micro_batches));
-    sums[0] += r.loss;
-    sums[1] += r.ce;
-    sums[2] += r.aux;
-    sums[3] += r.z;
-    m.loss.targets += r.targets;
-  }
+  const PipelineRun run = run_pipeline(micro_batches, range.first);
   optimizer_->reduce_gradients();
   m.grad_norm = optimizer_->clip_grad_norm(run_.optim().grad_clip());
   optimizer_->step(static_cast<float>(m.lr));
-  grid_.dp().all_reduce(load);  // the global batch's loads, on every rank
-  model_->update_expert_bias(load);
-  m.moe = summarize_load(load);
 
-  // The reported losses are means over every micro-batch of the global batch.
-  const Tensor totals = Tensor::from_floats({4}, std::vector<float>{static_cast<float>(sums[0]), static_cast<float>(sums[1]),
-                                                                    static_cast<float>(sums[2]), static_cast<float>(sums[3])});
-  if (dp > 1) grid_.dp().all_reduce(totals);
+  // Expert loads of the global batch on every rank: stages hold different layers, DP ranks
+  // different data (TP ranks the same numbers).
+  const Tensor load = model_->load();
+  grid_.dp().all_reduce(load);
+  grid_.pp().all_reduce(load);
+  model_->update_expert_bias(load);
+  m.moe = summarize_load(load, *model_);
+
+  // The reported losses are means over every micro-batch of the global batch. Summed over the
+  // world, each part counts once: ce on one rank per DP rank (the last stage's TP rank 0), the
+  // aux and z parts on every rank (they are partial over TP ranks and stages).
+  const bool ce_owner = model_->last_chunk(model_->chunks() - 1) && grid_.tp_rank() == 0;
+  const Tensor totals = Tensor::from_floats({3}, std::vector<float>{static_cast<float>(ce_owner ? run.ce : 0.0),
+                                                                    static_cast<float>(run.aux),
+                                                                    static_cast<float>(run.z)});
+  grid_.world().all_reduce(totals);
+  const Tensor worst = Tensor::from_floats({3}, std::vector<float>{static_cast<float>(run.bubble),
+                                                                   static_cast<float>(run.peak_activation_bytes),
+                                                                   static_cast<float>(run.max_in_flight)});
+  grid_.world().all_reduce(worst, ReduceOp::kMax);
   const double all_micro = static_cast<double>(micro_batches * dp);
-  m.loss.loss = totals.data<float>()[0] / all_micro;
-  m.loss.ce = totals.data<float>()[1] / all_micro;
-  m.loss.aux = totals.data<float>()[2] / all_micro;
-  m.loss.z = totals.data<float>()[3] / all_micro;
+  m.loss.ce = totals.data<float>()[0] / all_micro;
+  m.loss.aux = totals.data<float>()[1] / all_micro;
+  m.loss.z = totals.data<float>()[2] / all_micro;
+  const ModelConfig& mc = model_->config();
+  m.loss.loss = m.loss.ce + mc.aux_loss_coef * m.loss.aux + mc.z_loss_coef * m.loss.z;
+  m.bubble = worst.data<float>()[0];
+  m.peak_activation_bytes = static_cast<int64_t>(worst.data<float>()[1]);
+  m.max_in_flight = static_cast<int64_t>(worst.data<float>()[2]);
 
   ++step_;
   next_sample_ = static_cast<uint64_t>(step_ * t.global_batch());
@@ -160,17 +218,48 @@ StepMetrics Trainer::step() {
   return m;
 }
 
+Tensor Trainer::pipeline_forward(const Tensor& tokens, const Tensor& targets, ChunkLoss* loss) {
+  Comm& pp = grid_.pp();
+  const int P = pp.size(), s = pp.rank(), G = model_->split().chunks();
+  const int64_t B = tokens.dim(0), T = tokens.dim(1);
+  const int64_t rows = model_->local_rows(B, loss ? T : model_->padded_length(B, T));
+  Tensor out;
+  for (int g = s; g < G; g += P) {  // model order: this rank's chunks are g = c * P + s
+    Tensor in;
+    if (g > 0) {
+      in = Tensor::empty({rows, model_->config().dim}, DType::kF32);
+      pp.recv(in, (s + P - 1) % P, p2p_tag(g, 0, true, 1));
+    }
+    const int c = g / P;
+    Tensor r = loss ? model_->forward_chunk(c, 0, tokens, targets, in, *loss, /*keep=*/false)
+                    : model_->logits_chunk(c, tokens, in);
+    if (g < G - 1) {
+      pp.isend(r, (s + 1) % P, p2p_tag(g + 1, 0, true, 1));
+    } else {
+      out = r;
+    }
+  }
+  pp.wait_sends();
+  if (!loss && P > 1) {  // the last stage's logits, for every rank's sampler
+    if (!out.defined()) out = Tensor::empty({B, T, model_->config().vocab_size}, DType::kF32);
+    pp.broadcast(out, (G - 1) % P);
+  }
+  return out;
+}
+
 double Trainer::evaluate() {
   if (!val_sampler_) return std::numeric_limits<double>::quiet_NaN();
   const auto& t = run_.train();
   const int dp = grid_.dp().size();
-  float sum = 0.0f;  // this DP rank's share: micro-batches dp_rank, dp_rank + dp, ...
+  ChunkLoss part;  // this DP rank's share: micro-batches dp_rank, dp_rank + dp, ...
   for (int64_t b = grid_.dp().rank(); b < t.eval_batches(); b += dp) {
-    val_sampler_->fill_batch(static_cast<uint64_t>(b * t.micro_batch()), t.micro_batch(), tokens_, targets_);
-    sum += static_cast<float>(model_->forward(tokens_, targets_).ce);
+    fill(*val_sampler_, static_cast<uint64_t>(b * t.micro_batch()));
+    pipeline_forward(tokens_, targets_, &part);
   }
-  const Tensor total = Tensor::from_floats({1}, std::vector<float>{sum});
-  if (dp > 1) grid_.dp().all_reduce(total);
+  // Summed over the world, the mean CE of each micro-batch counts once (last stage, TP rank 0).
+  const bool ce_owner = model_->last_chunk(model_->chunks() - 1) && grid_.tp_rank() == 0;
+  const Tensor total = Tensor::from_floats({1}, std::vector<float>{static_cast<float>(ce_owner ? part.ce : 0.0)});
+  grid_.world().all_reduce(total);
   return total.data<float>()[0] / static_cast<double>(t.eval_batches());
 }
 
@@ -179,7 +268,8 @@ std::string Trainer::sample(const std::string& prompt) {
   std::vector<int32_t> ids{data::kBos};
   const std::vector<int32_t> text = data::encode(prompt);
   ids.insert(ids.end(), text.begin(), text.end());
-  const std::vector<int32_t> out = generate(*model_, ids,
+  const auto logits = [&](const Tensor& tokens) { return pipeline_forward(tokens, Tensor(), nullptr); };
+  const std::vector<int32_t> out = generate(logits, model_->config().vocab_size, ids,
                                             SampleOptions{.max_new_tokens = t.sample_tokens(),
                                                           .temperature = t.sample_temperature(),
                                                           .seed = t.seed(),
@@ -191,16 +281,20 @@ std::string Trainer::sample(const std::string& prompt) {
 std::string Trainer::format_step_line(const StepMetrics& m, double elapsed_s) const {
   const int64_t total = run_.train().steps();
   const double eta = elapsed_s / static_cast<double>(m.step) * static_cast<double>(total - m.step);
-  return fmt::format("step {:>{}}/{} | loss {:.4f} (ce {:.4f} aux {:.4f} z {:.3f}) | lr {:.2e} | gnorm {:.3f} | {} tok/s | {} | ETA {}",
+  const std::string pipeline =
+      grid_.pp().size() > 1 ? fmt::format(" | bubble {:.0f}% act {:.1f} MB", 100.0 * m.bubble,
+                                          static_cast<double>(m.peak_activation_bytes) / 1e6)
+                            : std::string();
+  return fmt::format("step {:>{}}/{} | loss {:.4f} (ce {:.4f} aux {:.4f} z {:.3f}) | lr {:.2e} | gnorm {:.3f} | {} tok/s{} | {} | ETA {}",
                      m.step, std::to_string(total).size(), total, m.loss.loss, m.loss.ce, m.loss.aux, m.loss.z, m.lr,
-                     m.grad_norm, format_rate(m.tokens_per_s), format_duration(elapsed_s), format_duration(eta));
+                     m.grad_norm, format_rate(m.tokens_per_s), pipeline, format_duration(elapsed_s), format_duration(eta));
 }
 
 std::string Trainer::format_moe_line(const StepMetrics& m) {
   std::string line = "  moe tokens/expert min/max/cv, dropped:";
   for (size_t i = 0; i < m.moe.size(); ++i) {
     const MoeLayerLoad& l = m.moe[i];
-    line += fmt::format(" L{} {}/{}/{:.2f} {:.1f}%", i, l.min_tokens, l.max_tokens, l.cv, 100.0 * l.dropped_fraction);
+    line += fmt::format(" L{} {}/{}/{:.2f} {:.1f}%", l.layer, l.min_tokens, l.max_tokens, l.cv, 100.0 * l.dropped_fraction);
   }
   return line;
 }
@@ -220,8 +314,14 @@ void Trainer::run(const StepHook& after_step) {
   fmt::print("moeforge: {} parameters ({} layers, {} experts top-{}, dim {}), {} train tokens{}\n",
              model_->registry().global_numel(), mc.n_layers, mc.n_experts, mc.top_k, mc.dim, train_data_->size(),
              val_data_ ? fmt::format(", {} validation tokens", val_data_->size()) : std::string(", no validation split"));
-  fmt::print("moeforge: {} ranks (tp {} x dp {}{}), {} steps x {} sequences x {} tokens, {} micro-batches per rank and step, logging to {}\n",
-             grid_.world_size(), grid_.tp().size(), grid_.dp().size(), run_.parallel().zero_stage() ? ", ZeRO-1" : "",
+  const std::string pipeline =
+      grid_.pp().size() > 1 ? fmt::format(" x pp {} ({}, {} chunks)", grid_.pp().size(), schedule_name(schedule_kind_),
+                                          model_->split().chunks())
+                            : std::string();
+  fmt::print("moeforge: {} ranks (tp {} x dp {}{}{}{}), {} steps x {} sequences x {} tokens, {} micro-batches per rank and step, logging to {}\n",
+             grid_.world_size(), grid_.tp().size(), grid_.dp().size(), pipeline,
+             grid_.ep().size() > 1 ? fmt::format(", ep {}", grid_.ep().size()) : std::string(),
+             run_.parallel().zero_stage() ? ", ZeRO-1" : "",
              t.steps(), t.global_batch(), t.seq_len(), t.global_batch() / grid_.dp().size() / t.micro_batch(),
              run_.logging().dir());
   std::fflush(stdout);
@@ -245,8 +345,12 @@ void Trainer::run(const StepHook& after_step) {
       scalars = {{"train/loss", m.loss.loss}, {"train/ce", m.loss.ce},      {"train/aux", m.loss.aux},
                  {"train/z", m.loss.z},       {"train/lr", m.lr},           {"train/grad_norm", m.grad_norm},
                  {"train/tokens_per_s", m.tokens_per_s}, {"train/elapsed_s", elapsed}};
+      if (grid_.pp().size() > 1) {
+        scalars["pipeline/bubble"] = m.bubble;
+        scalars["pipeline/peak_activation_bytes"] = static_cast<double>(m.peak_activation_bytes);
+      }
       for (size_t i = 0; i < m.moe.size(); ++i) {
-        const std::string p = fmt::format("moe/layer{}/", i);
+        const std::string p = fmt::format("moe/layer{}/", m.moe[i].layer);
         scalars[p + "tokens_min"] = static_cast<double>(m.moe[i].min_tokens);
         scalars[p + "tokens_max"] = static_cast<double>(m.moe[i].max_tokens);
         scalars[p + "tokens_cv"] = m.moe[i].cv;

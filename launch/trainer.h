@@ -3,6 +3,10 @@
 // One step: this rank's DP slice of the step's global samples (data/sampler.h: the slices of
 // all DP ranks are the global batch, whatever dp is) is cut into micro-batches; each is filled
 // from the sampler, run forward, and backward with loss scale 1/micro_batches_per_rank. The
+// forwards and backwards of the micro-batches over this rank's model chunks run in the order of
+// the pipeline schedule (parallel/pipeline_schedule.h; with pp = 1 simply forward, backward,
+// forward, ...): a chunk's input arrives from the previous pipeline rank by recv, its output
+// leaves by a non-blocking send tagged (model chunk, micro-batch, direction). The
 // distributed optimizer then averages the gradients over DP (optim/distributed_optimizer.h), so
 // they are the gradient of the mean loss over the global batch; then the global grad norm,
 // clipping, the learning rate of this step and one AdamW update (ZeRO-1 when configured). TP
@@ -31,11 +35,13 @@
 #include "models/transformer.h"
 #include "optim/distributed_optimizer.h"
 #include "optim/lr_schedule.h"
+#include "parallel/pipeline_schedule.h"
 
 namespace moeforge {
 
 // One MoE layer's expert load over a step's global batch.
 struct MoeLayerLoad {
+  int layer = 0;
   int64_t min_tokens = 0, max_tokens = 0;  // token copies routed to the least / most loaded expert
   double cv = 0.0;                         // coefficient of variation of the copies per expert
   double dropped_fraction = 0.0;           // copies dropped by the capacity / copies routed
@@ -48,7 +54,13 @@ struct StepMetrics {
   double grad_norm = 0.0;  // before clipping
   double tokens_per_s = 0.0;
   double step_seconds = 0.0;
-  std::vector<MoeLayerLoad> moe;  // per layer, the same on every rank
+  std::vector<MoeLayerLoad> moe;  // per MoE layer, the same on every rank
+  // Pipeline: the largest fraction of the step's pipeline time a rank spent not computing
+  // (waiting for activations or gradients), the most activation bytes a rank kept at once, and
+  // the most (chunk, micro-batch) units a rank held in flight. The same on every rank.
+  double bubble = 0.0;
+  int64_t peak_activation_bytes = 0;
+  int64_t max_in_flight = 0;
 };
 
 class Trainer {
@@ -82,6 +94,23 @@ class Trainer {
   std::string format_step_line(const StepMetrics& m, double elapsed_s) const;
   static std::string format_moe_line(const StepMetrics& m);
 
+  // What one step's pipeline run left on this rank.
+  struct PipelineRun {
+    double ce = 0.0, aux = 0.0, z = 0.0;  // loss parts summed over micro-batches (models/transformer.h)
+    double bubble = 0.0;                  // idle fraction of the pipeline's wall time
+    int64_t peak_activation_bytes = 0, max_in_flight = 0;
+  };
+  // The forwards and backwards of `micro_batches` micro-batches from `first_sample` on, in the
+  // schedule's order.
+  PipelineRun run_pipeline(int64_t micro_batches, uint64_t first_sample);
+  // Forward only through the pipeline (evaluation, sampling), one micro-batch: this rank runs its
+  // chunks in model order. With `loss`: adds the loss parts, returns nothing. Without: returns the
+  // logits (B, T, V) on every rank.
+  Tensor pipeline_forward(const Tensor& tokens, const Tensor& targets, ChunkLoss* loss);
+  // Tag of a pipeline message: the receiving model chunk, micro-batch and direction.
+  static int p2p_tag(int model_chunk, int micro_batch, bool forward, int micro_batches);
+  void fill(data::Sampler& sampler, uint64_t first_sample);  // tokens_, targets_
+
   config::RunConfig run_;
   std::unique_ptr<data::TokenDataset> train_data_;
   std::unique_ptr<data::TokenDataset> val_data_;  // null without a validation split
@@ -91,6 +120,7 @@ class Trainer {
   ProcessGrid grid_;
   std::unique_ptr<DistributedOptimizer> optimizer_;
   std::unique_ptr<LrSchedule> schedule_;
+  PipelineSchedule schedule_kind_ = PipelineSchedule::k1F1B;
   std::unique_ptr<MetricsLogger> metrics_;
   int64_t step_ = 0;
   uint64_t next_sample_ = 0;

@@ -17,6 +17,9 @@ void ModelConfig::validate() const {
   MOE_CHECK(top_k >= 1 && top_k <= n_experts, "model.top_k ({}) must be in [1, model.n_experts = {}]", top_k,
             n_experts);
   MOE_CHECK(expert_hidden > 0, "model.expert_hidden must be positive, got {}", expert_hidden);
+  MOE_CHECK(n_dense_layers >= 0 && n_dense_layers <= n_layers, "model.n_dense_layers ({}) must be in [0, model.n_layers = {}]",
+            n_dense_layers, n_layers);
+  MOE_CHECK(n_dense_layers == 0 || dense_hidden > 0, "model.dense_hidden must be positive, got {}", dense_hidden);
   MOE_CHECK(n_shared_experts >= 0, "model.n_shared_experts must be >= 0, got {}", n_shared_experts);
   MOE_CHECK(rope_theta > 0.0f, "model.rope_theta must be positive, got {}", rope_theta);
   MOE_CHECK(norm_eps > 0.0f, "model.norm_eps must be positive, got {}", norm_eps);

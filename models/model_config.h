@@ -19,6 +19,8 @@ struct ModelConfig {
   int top_k = 2;                // K
   int64_t expert_hidden = 128;  // F, hidden width of each routed expert
   int n_shared_experts = 0;     // S always-on experts of width F, run as one SwiGLU of width S*F
+  int n_dense_layers = 0;       // the first layers use a dense SwiGLU FFN instead of MoE
+  int64_t dense_hidden = 256;   // Fd, hidden width of the dense FFN
   ops::Gating gating = ops::Gating::kSoftmaxTopK;
   float rope_theta = 10000.0f;
   float norm_eps = 1e-5f;

@@ -42,6 +42,12 @@ struct ParamSpec {
   // False for state the model updates itself rather than by gradient (the aux-loss-free expert
   // bias): no optimizer state, no gradient reduction, not in the grad norm; checkpoints keep it.
   bool trainable = true;
+  // Tied embeddings under pipeline parallelism: the first stage holds embed.weight and the last
+  // stage a replica of it for the LM head. Both are `tied` (their gradients are summed over the
+  // embed group before any other reduction, so both copies take the same steps); the last
+  // stage's is the `replica` (not counted in the grad norm, not written by checkpoints).
+  bool tied = false;
+  bool replica = false;
 };
 
 // This rank's coordinates in the groups parameters are split over.

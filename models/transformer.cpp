@@ -8,90 +8,154 @@ namespace moeforge {
 
 namespace {
 ShardLayout shard_layout(const ProcessGrid& g) { return {g.tp().size(), g.tp().rank(), g.ep().size(), g.ep().rank()}; }
+
+// The split to use: the given one, or (an empty split) one chunk per pipeline rank, balanced.
+PipelineSplit resolve_split(const PipelineSplit& s, const ModelConfig& cfg, const ProcessGrid& g) {
+  if (!s.first_layer.empty()) {
+    MOE_CHECK(s.pp == g.pp().size() && s.first_layer.size() == static_cast<size_t>(s.chunks()) + 1 &&
+                  s.first_layer.back() == cfg.n_layers,
+              "MoeTransformer: the pipeline split ({} chunks over pp {}) does not fit the grid (pp {}) and {} layers",
+              s.chunks(), s.pp, g.pp().size(), cfg.n_layers);
+    return s;
+  }
+  return split_layers(cfg.n_layers, g.pp().size(), 1, "");
+}
+
+int64_t bytes_of(const Tensor& t) { return t.defined() ? t.nbytes() : 0; }
 }  // namespace
 
-MoeTransformer::MoeTransformer(const ModelConfig& cfg, const ProcessGrid& grid)
+MoeTransformer::MoeTransformer(const ModelConfig& cfg, const ProcessGrid& grid, const PipelineSplit& split)
     : cfg_(cfg),
       grid_(grid),
+      split_(resolve_split(split, cfg, grid)),
+      stage_(grid.pp().rank()),
       padded_vocab_((cfg.vocab_size + grid.tp().size() - 1) / grid.tp().size() * grid.tp().size()),
       registry_(shard_layout(grid)) {
   cfg_.validate();
   const int64_t C = cfg_.dim, pad = padded_vocab_ - cfg_.vocab_size;
-  embed_ = &registry_.add({.name = "embed.weight", .global_shape = {padded_vocab_, C}, .shard_dim = 0,
-                           .shard_group = ShardGroup::kTP, .init_std = cfg_.init_std, .padded_rows = pad});
-  attn_.reserve(static_cast<size_t>(cfg_.n_layers));
-  moe_.reserve(static_cast<size_t>(cfg_.n_layers));
-  for (int i = 0; i < cfg_.n_layers; ++i) {
-    attn_.emplace_back(cfg_, registry_, grid_.tp(), i);
-    moe_.emplace_back(cfg_, registry_, grid_, i);
+  const bool has_first = first_chunk(0);
+  bool has_last = false;
+  for (int c = 0; c < chunks(); ++c) has_last = has_last || last_chunk(c);
+  const bool pipelined = grid_.pp().size() > 1;
+
+  // Registration follows model order, so the flat (ZeRO-1) layout is deterministic per rank.
+  if (has_first || (has_last && cfg_.tie_embeddings)) {
+    const bool replica = !has_first;  // the last stage's copy of tied embeddings
+    embed_ = &registry_.add({.name = "embed.weight", .global_shape = {padded_vocab_, C}, .shard_dim = 0,
+                             .shard_group = ShardGroup::kTP, .init_std = cfg_.init_std, .padded_rows = pad,
+                             .tied = cfg_.tie_embeddings && pipelined, .replica = replica});
   }
-  final_norm_ = &registry_.add(
-      {.name = "final_norm.weight", .global_shape = {C}, .init = ParamInit::kOnes, .weight_decay = false});
-  if (!cfg_.tie_embeddings) {
-    lm_head_ = &registry_.add({.name = "lm_head.weight", .global_shape = {padded_vocab_, C}, .shard_dim = 0,
-                               .shard_group = ShardGroup::kTP, .init_std = cfg_.init_std, .padded_rows = pad});
+  layer_slot_.assign(static_cast<size_t>(cfg_.n_layers), -1);
+  int count = 0;
+  for (int c = 0; c < chunks(); ++c) count += chunk_range(c).second - chunk_range(c).first;
+  layers_.reserve(static_cast<size_t>(count));
+  for (int c = 0; c < chunks(); ++c) {
+    const auto [first, end] = chunk_range(c);
+    for (int i = first; i < end; ++i) {
+      layer_slot_[static_cast<size_t>(i)] = static_cast<int>(layers_.size());
+      Layer& l = layers_.emplace_back(Layer{i, AttentionBlock(cfg_, registry_, grid_.tp(), i), std::nullopt, std::nullopt});
+      if (is_moe_layer(i)) {
+        l.moe.emplace(cfg_, registry_, grid_, i);
+      } else {
+        l.dense.emplace(cfg_, registry_, i);
+      }
+    }
   }
+  if (has_last) {
+    final_norm_ = &registry_.add(
+        {.name = "final_norm.weight", .global_shape = {C}, .init = ParamInit::kOnes, .weight_decay = false});
+    if (!cfg_.tie_embeddings) {
+      lm_head_ = &registry_.add({.name = "lm_head.weight", .global_shape = {padded_vocab_, C}, .shard_dim = 0,
+                                 .shard_group = ShardGroup::kTP, .init_std = cfg_.init_std, .padded_rows = pad});
+    }
+  }
+  reset_load();
+}
+
+std::pair<int, int> MoeTransformer::chunk_range(int c) const {
+  const int g = split_.model_chunk(stage_, c);
+  return {split_.first_layer[static_cast<size_t>(g)], split_.first_layer[static_cast<size_t>(g) + 1]};
 }
 
 const Param& MoeTransformer::head() const { return lm_head_ ? *lm_head_ : *embed_; }
 
-int64_t MoeTransformer::vocab_start() const { return embed_->value.dim(0) * grid_.tp().rank(); }
+int64_t MoeTransformer::vocab_start() const { return head().value.dim(0) * grid_.tp().rank(); }
 
 int64_t MoeTransformer::vocab_valid() const {
-  return std::clamp<int64_t>(cfg_.vocab_size - vocab_start(), 0, embed_->value.dim(0));
+  return std::clamp<int64_t>(cfg_.vocab_size - vocab_start(), 0, head().value.dim(0));
 }
 
-void MoeTransformer::layer_forward(int i, const Tensor& h_in, const Tensor& h_out, LayerActs& a) const {
+void MoeTransformer::reset_load() { load_ = Tensor::zeros({cfg_.n_layers, cfg_.n_experts + 1}, DType::kI64); }
+
+void MoeTransformer::layer_forward(int i, int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out,
+                                   LayerActs& a) const {
+  const Layer& l = layer(i);
   a.h_in = h_in;
   a.h_mid = Tensor::empty(h_in.shape(), DType::kF32);
-  attn_[static_cast<size_t>(i)].forward(batch_, seq_, h_in, a.h_mid, a.attn);
-  moe_[static_cast<size_t>(i)].forward(a.h_mid, h_out, a.moe);
+  l.attn.forward(B, T, h_in, a.h_mid, a.attn);
+  if (l.moe) {
+    l.moe->forward(a.h_mid, h_out, a.moe);
+  } else {
+    l.dense->forward(a.h_mid, h_out, a.dense);
+  }
 }
 
-Tensor MoeTransformer::run_trunk(const Tensor& tokens, double& aux, double& z) {
+Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_in, ChunkActs& a, ChunkLoss& loss,
+                                  bool keep) {
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::kI32,
             "MoeTransformer: tokens must be (B, T) i32, got {}", tokens.str());
   Comm& tp = grid_.tp();
-  batch_ = tokens.dim(0);
-  seq_ = tokens.dim(1);
-  const int64_t N = batch_ * seq_, C = cfg_.dim;
+  a.batch = tokens.dim(0);
+  a.seq = tokens.dim(1);
+  const int64_t N = a.batch * a.seq, C = cfg_.dim;
   MOE_CHECK(N % tp.size() == 0, "MoeTransformer: a micro-batch of {} tokens does not split over {} TP ranks", N,
             tp.size());
-  tokens_ = tokens.reshape({N});
-
-  // Vocab-parallel embedding: each rank fills the rows of its vocabulary shard, the scatter sums
-  // the shards and leaves each rank its token rows.
-  const Tensor emb = Tensor::empty({N, C}, DType::kF32);
-  ops::embedding_fwd(tokens_, embed_->value, emb, vocab_start(), cfg_.vocab_size);
-  Tensor h = scatter_rows(tp, emb);
-  const int64_t Nl = h.dim(0);
-
-  aux = 0.0;
-  z = 0.0;
-  acts_.assign(static_cast<size_t>(cfg_.n_layers), {});
+  const int64_t Nl = N / tp.size();
+  Tensor h;
+  if (first_chunk(c)) {
+    // Vocab-parallel embedding: each rank fills the rows of its vocabulary shard, the scatter sums
+    // the shards and leaves each rank its token rows.
+    a.tokens = tokens.reshape({N});
+    const Tensor emb = Tensor::empty({N, C}, DType::kF32);
+    ops::embedding_fwd(a.tokens, embed_->value, emb, vocab_start(), cfg_.vocab_size);
+    h = scatter_rows(tp, emb);
+  } else {
+    MOE_CHECK(h_in.defined() && h_in.shape() == Shape({Nl, C}),
+              "MoeTransformer: chunk {} expects its input of shape ({}, {}), got {}", c, Nl, C,
+              h_in.defined() ? h_in.str() : std::string("nothing"));
+    h = h_in;
+  }
+  const auto [first, end] = chunk_range(c);
   const int64_t E = cfg_.n_experts;
-  last_load_ = Tensor::empty({cfg_.n_layers, E + 1}, DType::kI64);
-  for (int i = 0; i < cfg_.n_layers; ++i) {
-    LayerActs& a = acts_[static_cast<size_t>(i)];
+  a.layers.assign(static_cast<size_t>(end - first), {});
+  for (int i = first; i < end; ++i) {
+    LayerActs& la = a.layers[static_cast<size_t>(i - first)];
     const Tensor h_next = Tensor::empty({Nl, C}, DType::kF32);
-    layer_forward(i, h, h_next, a);
-    aux += a.moe.aux;
-    z += a.moe.z;
-    int64_t* load = last_load_.data<int64_t>() + i * (E + 1);
-    std::copy_n(a.moe.counts.data<int64_t>(), E, load);
-    load[E] = a.moe.dropped;
-    if (cfg_.recompute) {  // keep only the input; backward re-runs the layer
-      a = LayerActs{};
-      a.h_in = h;
+    layer_forward(i, a.batch, a.seq, h, h_next, la);
+    if (layer(i).moe) {
+      loss.aux += la.moe.aux;
+      loss.z += la.moe.z;
+      if (keep) {
+        int64_t* row = load_.data<int64_t>() + i * (E + 1);
+        for (int64_t e = 0; e < E; ++e) row[e] += la.moe.counts.data<int64_t>()[e];
+        row[E] += la.moe.dropped;
+      }
+    }
+    if (!keep || cfg_.recompute) {  // keep only the input; backward re-runs the layer
+      la = LayerActs{};
+      la.h_in = h;
     }
     h = h_next;
   }
+  return h;
+}
 
-  h_final_ = h;
-  const Tensor f_local = Tensor::empty({Nl, C}, DType::kF32);
-  f_rstd_ = Tensor::empty({Nl}, DType::kF32);
-  ops::rmsnorm_fwd(h_final_, final_norm_->value, cfg_.norm_eps, f_local, f_rstd_);
-  return gather_rows(tp, f_local);
+Tensor MoeTransformer::final_norm(const Tensor& h, ChunkActs& a) const {
+  a.h_final = h;
+  const Tensor f_local = Tensor::empty(h.shape(), DType::kF32);
+  a.f_rstd = Tensor::empty({h.dim(0)}, DType::kF32);
+  ops::rmsnorm_fwd(h, final_norm_->value, cfg_.norm_eps, f_local, a.f_rstd);
+  return gather_rows(grid_.tp(), f_local);
 }
 
 Tensor MoeTransformer::head_logits(const Tensor& f) const {
@@ -100,35 +164,143 @@ Tensor MoeTransformer::head_logits(const Tensor& f) const {
   return logits;
 }
 
-LossReport MoeTransformer::forward(const Tensor& tokens, const Tensor& targets) {
+Tensor MoeTransformer::forward_chunk(int c, int mb, const Tensor& tokens, const Tensor& targets, const Tensor& h_in,
+                                     ChunkLoss& loss, bool keep) {
+  MOE_CHECK(c >= 0 && c < chunks(), "MoeTransformer::forward_chunk: chunk {} is outside [0, {})", c, chunks());
+  MOE_CHECK(!keep || !acts_.count({c, mb}), "MoeTransformer::forward_chunk: chunk {} micro-batch {} is already in flight",
+            c, mb);
+  ChunkActs a;
+  const Tensor h = run_layers(c, tokens, h_in, a, loss, keep);
+  if (!last_chunk(c)) {
+    if (keep) acts_.emplace(std::pair{c, mb}, std::move(a));
+    return h;
+  }
   MOE_CHECK(targets.shape() == tokens.shape() && targets.dtype() == DType::kI32,
-            "MoeTransformer::forward: targets {} must match tokens {}", targets.str(), tokens.str());
+            "MoeTransformer: targets {} must match tokens {}", targets.str(), tokens.str());
   Comm& tp = grid_.tp();
-  LossReport report;
-  f_ = run_trunk(tokens, report.aux, report.z);
-  const int64_t N = batch_ * seq_;
-  targets_ = targets.reshape({N});
+  const int64_t N = a.batch * a.seq;
+  a.targets = targets.reshape({N});
+  a.f = final_norm(h, a);
 
   // Vocab-parallel cross-entropy: per-row statistics of each shard, combined on every rank.
-  logits_ = head_logits(f_);
+  a.logits = head_logits(a.f);
   const Tensor partial = Tensor::empty({N, 3}, DType::kF32);
-  ops::cross_entropy_partial_fwd(logits_, targets_, vocab_start(), vocab_valid(), partial);
+  ops::cross_entropy_partial_fwd(a.logits, a.targets, vocab_start(), vocab_valid(), partial);
   const Tensor partials = gather_rows(tp, partial).reshape({tp.size(), N, 3});
   const Tensor losses = Tensor::empty({N}, DType::kF32);
-  lse_ = Tensor::empty({N}, DType::kF32);
-  ops::cross_entropy_combine(partials, targets_, cfg_.vocab_size, losses, lse_);
+  a.lse = Tensor::empty({N}, DType::kF32);
+  ops::cross_entropy_combine(partials, a.targets, cfg_.vocab_size, losses, a.lse);
 
   const std::vector<float> per_row = losses.to_floats();
-  const int32_t* tgt = targets_.data<int32_t>();
+  const int32_t* tgt = a.targets.data<int32_t>();
   double sum = 0.0;
-  counted_ = 0;
+  a.counted = 0;
   for (int64_t n = 0; n < N; ++n) {
     if (tgt[n] < 0) continue;
     sum += per_row[static_cast<size_t>(n)];
-    ++counted_;
+    ++a.counted;
   }
-  report.targets = counted_;
-  report.ce = counted_ ? sum / static_cast<double>(counted_) : 0.0;
+  loss.targets += a.counted;
+  loss.ce += a.counted ? sum / static_cast<double>(a.counted) : 0.0;
+  if (keep) acts_.emplace(std::pair{c, mb}, std::move(a));
+  return Tensor();
+}
+
+Tensor MoeTransformer::backward_chunk(int c, int mb, const Tensor& dh_out, float loss_scale) {
+  const auto it = acts_.find({c, mb});
+  MOE_CHECK(it != acts_.end(), "MoeTransformer::backward_chunk: chunk {} micro-batch {} has no forward in flight", c,
+            mb);
+  ChunkActs& a = it->second;
+  Comm& tp = grid_.tp();
+  const int64_t C = cfg_.dim, N = a.batch * a.seq, Nl = N / tp.size();
+
+  Tensor dh = Tensor::empty({Nl, C}, DType::kF32);
+  if (last_chunk(c)) {
+    // Head: logits = f · Wᵀ over this rank's vocabulary rows. The CE gradient overwrites the
+    // logits buffer in place; df is partial over vocabulary shards, summed by the scatter.
+    const float scale = a.counted ? loss_scale / static_cast<float>(a.counted) : 0.0f;
+    ops::cross_entropy_bwd(a.logits, a.targets, a.lse, scale, a.logits, vocab_start(), vocab_valid());
+    const Param& w = head();
+    ops::gemm(a.logits, true, a.f, false, w.grad, /*accumulate=*/true);
+    const Tensor df = Tensor::empty({N, C}, DType::kF32);
+    ops::gemm(a.logits, false, w.value, false, df);
+    a.logits = Tensor();
+    ops::rmsnorm_bwd(a.h_final, final_norm_->value, a.f_rstd, scatter_rows(tp, df), dh, final_norm_->grad);
+  } else {
+    MOE_CHECK(dh_out.defined() && dh_out.shape() == Shape({Nl, C}),
+              "MoeTransformer: chunk {} expects its output gradient of shape ({}, {}), got {}", c, Nl, C,
+              dh_out.defined() ? dh_out.str() : std::string("nothing"));
+    ops::copy(dh_out, dh);
+  }
+
+  const auto [first, end] = chunk_range(c);
+  Tensor dh_prev = Tensor::empty({Nl, C}, DType::kF32);
+  const Tensor dh_mid = Tensor::empty({Nl, C}, DType::kF32);
+  for (int i = end - 1; i >= first; --i) {
+    LayerActs& la = a.layers[static_cast<size_t>(i - first)];
+    if (cfg_.recompute) {
+      const Tensor scratch = Tensor::empty(la.h_in.shape(), DType::kF32);
+      layer_forward(i, a.batch, a.seq, la.h_in, scratch, la);
+    }
+    const Layer& l = layer(i);
+    if (l.moe) {
+      l.moe->backward(dh, dh_mid, la.moe, loss_scale);
+    } else {
+      l.dense->backward(dh, dh_mid, la.dense);
+    }
+    l.attn.backward(dh_mid, dh_prev, la.attn);
+    la = LayerActs{};
+    std::swap(dh, dh_prev);
+  }
+  Tensor out;
+  if (first_chunk(c)) {
+    ops::embedding_bwd(a.tokens, gather_rows(tp, dh), embed_->grad, vocab_start(), cfg_.vocab_size);
+  } else {
+    out = dh;
+  }
+  acts_.erase(it);
+  return out;
+}
+
+// Sequence parallelism needs B*T divisible by tp: logits_chunk appends positions (token 0) at the
+// end of each sequence. Attention is causal, so they change nothing before them; their logits are
+// dropped.
+int64_t MoeTransformer::padded_length(int64_t B, int64_t T) const {
+  int64_t Tp = T;
+  while ((B * Tp) % grid_.tp().size() != 0) ++Tp;
+  return Tp;
+}
+
+int64_t MoeTransformer::activation_bytes() const {
+  int64_t total = 0;
+  for (const auto& [key, a] : acts_) {
+    total += bytes_of(a.tokens) + bytes_of(a.targets) + bytes_of(a.h_final) + bytes_of(a.f_rstd) + bytes_of(a.f) +
+             bytes_of(a.logits) + bytes_of(a.lse);
+    for (const LayerActs& l : a.layers) {
+      total += bytes_of(l.h_in) + bytes_of(l.h_mid);
+      const AttentionActs& t = l.attn;
+      for (const Tensor* x : {&t.rstd, &t.xn, &t.q, &t.k, &t.v, &t.out, &t.lse}) total += bytes_of(*x);
+      const MoeActs& m = l.moe;
+      for (const Tensor* x : {&m.xn, &m.rstd, &m.logits, &m.weights, &m.experts, &m.probs, &m.positions, &m.counts,
+                              &m.xl, &m.gate, &m.up, &m.act, &m.y, &m.s_gate, &m.s_up, &m.s_act})
+        total += bytes_of(*x);
+      const DenseActs& d = l.dense;
+      for (const Tensor* x : {&d.xn, &d.rstd, &d.gate, &d.up, &d.act}) total += bytes_of(*x);
+    }
+  }
+  return total;
+}
+
+LossReport MoeTransformer::forward(const Tensor& tokens, const Tensor& targets) {
+  MOE_CHECK(split_.chunks() == 1, "MoeTransformer::forward runs the whole model; with {} pipeline chunks use "
+            "forward_chunk", split_.chunks());
+  MOE_CHECK(targets.shape() == tokens.shape() && targets.dtype() == DType::kI32,
+            "MoeTransformer::forward: targets {} must match tokens {}", targets.str(), tokens.str());
+  acts_.clear();
+  ChunkLoss part;
+  forward_chunk(0, 0, tokens, targets, Tensor(), part);
+  LossReport report{.ce = part.ce, .aux = part.aux, .z = part.z, .targets = part.targets};
+  Comm& tp = grid_.tp();
   if (tp.size() > 1) {  // the router losses were summed over this rank's rows only
     const Tensor parts = Tensor::from_floats({2}, std::vector<float>{static_cast<float>(report.aux),
                                                                      static_cast<float>(report.z)});
@@ -140,24 +312,33 @@ LossReport MoeTransformer::forward(const Tensor& tokens, const Tensor& targets) 
   return report;
 }
 
+void MoeTransformer::backward(float loss_scale) {
+  MOE_CHECK(acts_.count({0, 0}), "MoeTransformer::backward: call forward() first");
+  backward_chunk(0, 0, Tensor(), loss_scale);
+}
+
 Tensor MoeTransformer::logits(const Tensor& tokens) {
+  MOE_CHECK(split_.chunks() == 1, "MoeTransformer::logits runs the whole model; with {} pipeline chunks use "
+            "logits_chunk", split_.chunks());
+  return logits_chunk(0, tokens, Tensor());
+}
+
+Tensor MoeTransformer::logits_chunk(int c, const Tensor& tokens, const Tensor& h_in) {
   Comm& tp = grid_.tp();
   MOE_CHECK(tokens.ndim() == 2 && tokens.dtype() == DType::kI32,
             "MoeTransformer::logits: tokens must be (B, T) i32, got {}", tokens.str());
-  const int64_t B = tokens.dim(0), T = tokens.dim(1);
-  // Sequence parallelism needs B*T divisible by tp: append positions (token 0) at the end of each
-  // sequence. Attention is causal, so they change nothing before them; their logits are dropped.
-  int64_t Tp = T;
-  while ((B * Tp) % tp.size() != 0) ++Tp;
+  const int64_t B = tokens.dim(0), T = tokens.dim(1), Tp = padded_length(B, T);
   Tensor input = tokens;
   if (Tp != T) {
     input = Tensor::zeros({B, Tp}, DType::kI32);
     for (int64_t b = 0; b < B; ++b)
       std::copy_n(tokens.data<int32_t>() + b * T, T, input.data<int32_t>() + b * Tp);
   }
-  double aux = 0.0, z = 0.0;
-  const Tensor f = run_trunk(input, aux, z);
-  acts_.clear();
+  ChunkActs a;
+  ChunkLoss unused;
+  const Tensor h = run_layers(c, input, h_in, a, unused, /*keep=*/false);
+  if (!last_chunk(c)) return h;
+  const Tensor f = final_norm(h, a);
   const Tensor local = head_logits(f);  // (N, Vl)
   const int64_t N = f.dim(0), Vl = local.dim(1), V = cfg_.vocab_size;
   const Tensor shards = gather_rows(tp, local).reshape({tp.size(), N, Vl});  // one block per vocab shard
@@ -173,51 +354,20 @@ Tensor MoeTransformer::logits(const Tensor& tokens) {
   return out;
 }
 
-void MoeTransformer::backward(float loss_scale) {
-  MOE_CHECK(logits_.defined(), "MoeTransformer::backward: call forward() first");
-  Comm& tp = grid_.tp();
-  const int64_t C = cfg_.dim, Nl = h_final_.dim(0);
-
-  // Head: logits = f · Wᵀ over this rank's vocabulary rows. The CE gradient overwrites the logits
-  // buffer in place; df is partial over vocabulary shards, summed by the scatter to local rows.
-  const float scale = counted_ ? loss_scale / static_cast<float>(counted_) : 0.0f;
-  ops::cross_entropy_bwd(logits_, targets_, lse_, scale, logits_, vocab_start(), vocab_valid());
-  const Param& w = head();
-  ops::gemm(logits_, true, f_, false, w.grad, /*accumulate=*/true);
-  const Tensor df = Tensor::empty({f_.dim(0), C}, DType::kF32);
-  ops::gemm(logits_, false, w.value, false, df);
-  logits_ = Tensor();
-
-  Tensor dh = Tensor::empty({Nl, C}, DType::kF32);
-  ops::rmsnorm_bwd(h_final_, final_norm_->value, f_rstd_, scatter_rows(tp, df), dh, final_norm_->grad);
-
-  Tensor dh_prev = Tensor::empty({Nl, C}, DType::kF32);
-  const Tensor dh_mid = Tensor::empty({Nl, C}, DType::kF32);
-  for (int i = cfg_.n_layers - 1; i >= 0; --i) {
-    LayerActs& a = acts_[static_cast<size_t>(i)];
-    if (cfg_.recompute) {
-      const Tensor scratch = Tensor::empty(a.h_in.shape(), DType::kF32);
-      layer_forward(i, a.h_in, scratch, a);
-    }
-    moe_[static_cast<size_t>(i)].backward(dh, dh_mid, a.moe, loss_scale);
-    attn_[static_cast<size_t>(i)].backward(dh_mid, dh_prev, a.attn);
-    a = LayerActs{};
-    std::swap(dh, dh_prev);
-  }
-  ops::embedding_bwd(tokens_, gather_rows(tp, dh), embed_->grad, vocab_start(), cfg_.vocab_size);
-  acts_.clear();
-}
-
 void MoeTransformer::update_expert_bias(const Tensor& load) {
   const int64_t E = cfg_.n_experts;
   MOE_CHECK(load.dtype() == DType::kI64 && load.shape() == Shape({cfg_.n_layers, E + 1}),
             "MoeTransformer::update_expert_bias: load must be ({}, {}) i64, got {}", cfg_.n_layers, E + 1, load.str());
-  for (int i = 0; i < cfg_.n_layers; ++i) moe_[static_cast<size_t>(i)].update_bias(load.data<int64_t>() + i * (E + 1));
+  for (Layer& l : layers_)
+    if (l.moe) l.moe->update_bias(load.data<int64_t>() + l.index * (E + 1));
 }
 
 std::vector<Tensor> MoeTransformer::last_routing() const {
   std::vector<Tensor> out;
-  for (const LayerActs& a : acts_) out.push_back(a.moe.experts);
+  const auto it = acts_.find({0, 0});
+  if (it == acts_.end()) return out;
+  for (const LayerActs& a : it->second.layers)
+    if (a.moe.experts.defined()) out.push_back(a.moe.experts);
   return out;
 }
 

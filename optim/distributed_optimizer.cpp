@@ -63,6 +63,7 @@ DistributedOptimizer::DistributedOptimizer(ParamRegistry& registry, const Proces
   MOE_CHECK(bucket_bytes > 0, "DistributedOptimizer: bucket_bytes must be positive, got {}", bucket_bytes);
   for (Param& p : registry_.params()) {
     if (!p.spec.trainable) continue;
+    if (p.spec.tied) tied_.push_back(&p);
     if (p.spec.expert) {
       experts_.push_back(&p);
       expert_flat_.params.push_back(&p);
@@ -139,6 +140,7 @@ void DistributedOptimizer::bucketed_all_reduce(const std::vector<Param*>& params
 
 void DistributedOptimizer::reduce_gradients() {
   const float inv_dp = 1.0f / static_cast<float>(grid_.dp().size());
+  bucketed_all_reduce(tied_, grid_.embed(), 1.0f);  // the two copies of tied embeddings
   if (zero_stage_ == 0) {
     bucketed_all_reduce(tp_split_, grid_.dp(), inv_dp);
     bucketed_all_reduce(tp_whole_, grid_.stage(), inv_dp);
@@ -151,7 +153,7 @@ void DistributedOptimizer::reduce_gradients() {
 }
 
 bool DistributedOptimizer::counts_in_norm(const Param& p) const {
-  if (!p.spec.trainable) return false;
+  if (!p.spec.trainable || p.spec.replica) return false;
   if (zero_stage_ == 1) return !tp_partial(p) || grid_.tp_rank() == 0;  // chunks are unique in their group
   if (p.spec.expert) return grid_.expert_dp_rank() == 0;
   if (tp_partial(p)) return grid_.tp_rank() == 0 && grid_.dp_rank() == 0;
@@ -163,13 +165,14 @@ double DistributedOptimizer::clip_grad_norm(double max_norm) {
   double local = 0.0;
   for (Param& p : registry_.params())
     if (counts_in_norm(p)) local += ops::sum_squares(owned_grad(p));
-  Comm& stage = grid_.stage();
-  if (stage.size() > 1) {
-    // f32 would lose digits of a large sum of squares: split into high and low parts.
+  if (grid_.stage().size() > 1 || grid_.pp().size() > 1) {
+    // f32 would lose digits of a large sum of squares: split into high and low parts (a
+    // non-finite sum stays in the high part).
     const float hi = static_cast<float>(local);
-    const float lo = static_cast<float>(local - static_cast<double>(hi));
+    const float lo = std::isfinite(hi) ? static_cast<float>(local - static_cast<double>(hi)) : 0.0f;
     const Tensor parts = Tensor::from_floats({2}, std::vector<float>{hi, lo});
-    stage.all_reduce(parts);
+    for (Comm* group : {&grid_.stage(), &grid_.pp()})  // the stages hold different layers
+      if (group->size() > 1) group->all_reduce(parts);
     local = static_cast<double>(parts.data<float>()[0]) + static_cast<double>(parts.data<float>()[1]);
   }
   const double norm = std::sqrt(local);

@@ -14,6 +14,8 @@
 //    over expert-DP is the sum over the whole stage: all-reduce over expert-DP, scaled by 1/dp.
 //    (With ep = 1, expert-DP is the stage and this is the TP-whole rule.)
 //  - Non-trainable entries (the expert bias) take no part.
+//  - Pipeline parallelism: each stage reduces its own parameters; tied embeddings (a copy on the
+//    first and on the last stage) first sum their gradients over grid.embed().
 //
 // zero_stage 0: bucketed all-reduces (buckets of about bucket_bytes) per group; every rank then
 // updates every parameter with its own AdamW state.
@@ -28,7 +30,8 @@
 //
 // Grad norm counts every unique element once: each rank adds the squares of the elements it is
 // the designated holder of (stage 0: rank 0 of the group the gradient is replicated over; ZeRO-1:
-// its own chunks, TP-whole ones on TP rank 0 only); the sums are then added over the stage.
+// its own chunks, TP-whole ones on TP rank 0 only; never a tied replica); the sums are then added
+// over the stage and over the pipeline stages.
 #pragma once
 
 #include <cstdint>
@@ -90,6 +93,7 @@ class DistributedOptimizer {
   int zero_stage_;
   int64_t bucket_bytes_;
   std::vector<Param*> tp_split_, tp_whole_, experts_;  // trainable, registry order
+  std::vector<Param*> tied_;                          // tied embedding copies (pipeline ends)
   Flat dense_flat_, expert_flat_;                     // ZeRO-1
   std::unordered_map<const Param*, std::pair<const Flat*, size_t>> flat_index_;
   std::unique_ptr<AdamW> adamw_;

@@ -49,8 +49,13 @@ class Comm {
   virtual void all_to_all_v(const Tensor& in, std::span<const int64_t> send_rows, const Tensor& out,
                             std::span<const int64_t> recv_rows) = 0;
   virtual void broadcast(const Tensor& t, int root) = 0;
-  virtual void send(const Tensor& t, int peer) = 0;
-  virtual void recv(const Tensor& t, int peer) = 0;
+  // Point to point. A recv matches the sends from that peer with the same tag, in send order.
+  virtual void send(const Tensor& t, int peer, int tag = 0) = 0;
+  virtual void recv(const Tensor& t, int peer, int tag = 0) = 0;
+  // Non-blocking send (the pipeline's activations and gradients): returns at once; t must stay
+  // unchanged until wait_sends(), which completes every send this member started, in order.
+  virtual void isend(const Tensor& t, int peer, int tag) = 0;
+  virtual void wait_sends() = 0;
   virtual void barrier() = 0;
 
   // Collectives issued so far (the last sequence number; send/recv are numbered per peer, so a

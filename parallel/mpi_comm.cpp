@@ -183,25 +183,60 @@ void MpiComm::broadcast(const Tensor& t, int root) {
   if (rank_ == root) count_sent(t.nbytes());
 }
 
-void MpiComm::send(const Tensor& t, int peer) {
+void MpiComm::check_tag(std::string_view op, int tag) const {
+  int* ub = nullptr;
+  int found = 0;
+  MOE_MPI_CHECK(MPI_Comm_get_attr(comm_, MPI_TAG_UB, &ub, &found));
+  const int limit = found && ub ? *ub : 32767;
+  MOE_CHECK(tag >= 0 && tag <= limit, "{} on group {}: tag {} is outside MPI's [0, {}]", op, name_, tag, limit);
+}
+
+void MpiComm::send(const Tensor& t, int peer, int tag) {
   check_dtype(*this, "send", "t", t);
   check_member(*this, "send", "peer", peer, true);
   check_cpu("send", "t", t);
+  check_tag("send", tag);
   const MPI_Datatype type = mpi_type(t.dtype());
   CallScope scope(*log_, CommOp::kSend, t.nbytes(), peer);
-  for_each_chunk(t, [&](char* p, int n) { MOE_MPI_CHECK(MPI_Send(p, n, type, peer, kP2PTag, comm_)); });
+  for_each_chunk(t, [&](char* p, int n) { MOE_MPI_CHECK(MPI_Send(p, n, type, peer, kP2PTag + tag, comm_)); });
   count_sent(t.nbytes());
 }
 
-void MpiComm::recv(const Tensor& t, int peer) {
+void MpiComm::isend(const Tensor& t, int peer, int tag) {
+  check_dtype(*this, "isend", "t", t);
+  check_member(*this, "isend", "peer", peer, true);
+  check_cpu("isend", "t", t);
+  check_tag("isend", tag);
+  const MPI_Datatype type = mpi_type(t.dtype());
+  PendingSend s{{}, t, peer};
+  for_each_chunk(t, [&](char* p, int n) {
+    s.requests.push_back(MPI_REQUEST_NULL);
+    MOE_MPI_CHECK(MPI_Isend(p, n, type, peer, kP2PTag + tag, comm_, &s.requests.back()));
+  });
+  pending_.push_back(std::move(s));
+  count_sent(t.nbytes());
+}
+
+void MpiComm::wait_sends() {
+  // One logged send per started one, so a receiver that never comes shows up in the watchdog's
+  // diagnosis as "send #n to world rank r".
+  for (PendingSend& s : pending_) {
+    CallScope scope(*log_, CommOp::kSend, s.t.nbytes(), s.peer);
+    MOE_MPI_CHECK(MPI_Waitall(static_cast<int>(s.requests.size()), s.requests.data(), MPI_STATUSES_IGNORE));
+  }
+  pending_.clear();
+}
+
+void MpiComm::recv(const Tensor& t, int peer, int tag) {
   check_dtype(*this, "recv", "t", t);
   check_member(*this, "recv", "peer", peer, true);
   check_cpu("recv", "t", t);
+  check_tag("recv", tag);
   const MPI_Datatype type = mpi_type(t.dtype());
   CallScope scope(*log_, CommOp::kRecv, t.nbytes(), peer);
   for_each_chunk(t, [&](char* p, int n) {
     MPI_Status status;
-    MOE_MPI_CHECK(MPI_Recv(p, n, type, peer, kP2PTag, comm_, &status));
+    MOE_MPI_CHECK(MPI_Recv(p, n, type, peer, kP2PTag + tag, comm_, &status));
     int got = 0;
     MOE_MPI_CHECK(MPI_Get_count(&status, type, &got));
     // A longer message fails inside MPI (truncation); a shorter one must not pass silently.

@@ -14,6 +14,7 @@
 #include <mpi.h>
 
 #include <memory>
+#include <vector>
 
 #include "parallel/call_log.h"
 #include "parallel/comm.h"
@@ -43,8 +44,10 @@ class MpiComm final : public Comm {
   void all_to_all_v(const Tensor& in, std::span<const int64_t> send_rows, const Tensor& out,
                     std::span<const int64_t> recv_rows) override;
   void broadcast(const Tensor& t, int root) override;
-  void send(const Tensor& t, int peer) override;
-  void recv(const Tensor& t, int peer) override;
+  void send(const Tensor& t, int peer, int tag = 0) override;
+  void recv(const Tensor& t, int peer, int tag = 0) override;
+  void isend(const Tensor& t, int peer, int tag) override;
+  void wait_sends() override;
   void barrier() override;
 
   int64_t calls() const override { return log_->calls(); }
@@ -59,6 +62,15 @@ class MpiComm final : public Comm {
   void check_cpu(std::string_view op, std::string_view arg, const Tensor& t) const;
   int to_int(std::string_view op, std::string_view what, int64_t n) const;
   void count_sent(int64_t bytes);
+  void check_tag(std::string_view op, int tag) const;
+
+  // Started non-blocking sends: the requests of each chunk, the tensor they read, the peer.
+  struct PendingSend {
+    std::vector<MPI_Request> requests;
+    Tensor t;
+    int peer = 0;
+  };
+  std::vector<PendingSend> pending_;
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::string name_;

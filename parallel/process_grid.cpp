@@ -62,6 +62,19 @@ ProcessGrid ProcessGrid::create(const MpiRuntime& mpi, const ParallelSizes& size
   g.ep_ = make_group(mpi, "ep", ep, pp_rank * expert_dp + in_stage / ep, in_stage % ep, collective_timeout_s);
   g.expert_dp_ =
       make_group(mpi, "expert_dp", expert_dp, pp_rank * ep + in_stage % ep, in_stage / ep, collective_timeout_s);
+  // The first and last stage's ranks of one (dp, tp) position; a middle stage's rank is alone.
+  const bool end_stage = pp_rank == 0 || pp_rank == sizes.pp - 1;
+  if (sizes.pp == 1) {
+    g.embed_ = std::make_shared<SelfComm>("embed", w);
+  } else {
+    MPI_Comm comm = MPI_COMM_NULL;
+    MOE_MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, end_stage ? in_stage : MPI_UNDEFINED, pp_rank, &comm));
+    if (end_stage) {
+      g.embed_ = std::make_shared<MpiComm>(comm, "embed", mpi.watchdog(), collective_timeout_s);
+    } else {
+      g.embed_ = std::make_shared<SelfComm>("embed", w);
+    }
+  }
   return g;
 }
 
@@ -74,6 +87,7 @@ ProcessGrid ProcessGrid::single() {
   g.stage_ = std::make_shared<SelfComm>("stage", 0);
   g.ep_ = std::make_shared<SelfComm>("ep", 0);
   g.expert_dp_ = std::make_shared<SelfComm>("expert_dp", 0);
+  g.embed_ = std::make_shared<SelfComm>("embed", 0);
   return g;
 }
 

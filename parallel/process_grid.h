@@ -10,6 +10,9 @@
 //              consecutive groups of ep                          size ep
 //   expert_dp  the ranks of a stage with the same position inside their ep group
 //                                                                size tp * dp / ep
+//   embed      the first and the last stage's ranks of one (dp, tp) position: they hold the two
+//              copies of tied embeddings                         size 2 (1 when pp = 1 or in a
+//                                                                middle stage)
 // Group ranks follow the world order. A group of one member is a SelfComm (no MPI traffic, no
 // deadline); larger ones are MpiComms split from MPI_COMM_WORLD.
 //
@@ -47,6 +50,7 @@ class ProcessGrid {
   Comm& stage() const { return *stage_; }
   Comm& ep() const { return *ep_; }
   Comm& expert_dp() const { return *expert_dp_; }
+  Comm& embed() const { return *embed_; }
 
   const ParallelSizes& sizes() const { return sizes_; }
   int world_rank() const { return world_->rank(); }
@@ -61,7 +65,7 @@ class ProcessGrid {
   ProcessGrid() = default;
 
   ParallelSizes sizes_;
-  std::shared_ptr<Comm> world_, tp_, dp_, pp_, stage_, ep_, expert_dp_;
+  std::shared_ptr<Comm> world_, tp_, dp_, pp_, stage_, ep_, expert_dp_, embed_;
 };
 
 }  // namespace moeforge

@@ -39,12 +39,17 @@ void SelfComm::broadcast(const Tensor& t, int root) {
   ++calls_;
 }
 
-void SelfComm::send(const Tensor& t, int peer) {
+void SelfComm::send(const Tensor& t, int peer, int /*tag*/) {
   check_dtype(*this, "send", "t", t);
   check_member(*this, "send", "peer", peer, true);
 }
 
-void SelfComm::recv(const Tensor& t, int peer) {
+void SelfComm::isend(const Tensor& t, int peer, int /*tag*/) {
+  check_dtype(*this, "isend", "t", t);
+  check_member(*this, "isend", "peer", peer, true);
+}
+
+void SelfComm::recv(const Tensor& t, int peer, int /*tag*/) {
   check_dtype(*this, "recv", "t", t);
   check_member(*this, "recv", "peer", peer, true);
 }

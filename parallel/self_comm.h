@@ -26,8 +26,10 @@ class SelfComm final : public Comm {
   void all_to_all_v(const Tensor& in, std::span<const int64_t> send_rows, const Tensor& out,
                     std::span<const int64_t> recv_rows) override;
   void broadcast(const Tensor& t, int root) override;
-  void send(const Tensor& t, int peer) override;
-  void recv(const Tensor& t, int peer) override;
+  void send(const Tensor& t, int peer, int tag = 0) override;
+  void recv(const Tensor& t, int peer, int tag = 0) override;
+  void isend(const Tensor& t, int peer, int tag) override;
+  void wait_sends() override {}
   void barrier() override;
 
   int64_t calls() const override { return calls_; }

@@ -79,7 +79,9 @@ TEST_F(SaveLoad, ExactResumeIsBitwise) {
   int params = 0, moments = 0;
   for (const TensorEntry& t : mf.tensors()) {
     (t.kind() == PARAM ? params : moments) += 1;
-    if (t.name() == "embed.weight") EXPECT_EQ(t.shape(0), 259);
+    if (t.name() == "embed.weight") {
+      EXPECT_EQ(t.shape(0), 259);
+    }
   }
   int trainable = 0;
   for (const Param& p : resumed.model().registry().params()) trainable += p.spec.trainable;
@@ -108,10 +110,11 @@ TEST_F(SaveLoad, AsyncSaveHoldsTheSameNumbers) {
   load(ckpt() + "/step_00000003", b.model().registry(), &b.optimizer());
   for (const Param& p : a.model().registry().params()) {
     EXPECT_EQ(p.value.to_floats(), b.model().registry().get(p.spec.name).value.to_floats()) << p.spec.name;
-    if (p.spec.trainable)
+    if (p.spec.trainable) {
       EXPECT_EQ(a.optimizer().adamw().exp_avg_sq(p.spec.name).to_floats(),
                 b.optimizer().adamw().exp_avg_sq(p.spec.name).to_floats())
           << p.spec.name;
+    }
   }
 }
 

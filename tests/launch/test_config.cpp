@@ -244,7 +244,25 @@ TEST(ConfigErrors, ParallelLayout) {
   EXPECT_EQ(config_error("model { n_experts: 6 }\nparallel { ep: 4 }\ndata { train: \"d\" }\n", {}, 4),
             "bad.pbtxt:2: parallel.ep: 4 does not divide model.n_experts = 6");
   EXPECT_EQ(config_error(kMinimal, {"parallel.pp=8"}, 8),
-            "--set parallel.pp=8: parallel.pp: 8 pipeline stages exceed model.n_layers = 4 (each stage needs a layer)");
+            "--set parallel.pp=8: parallel.pp: parallel.pp * parallel.virtual_stages = 8 * 1 = 8 model chunks exceed "
+            "model.n_layers = 4 (every chunk needs a layer)");
+  EXPECT_EQ(config_error(kMinimal, {"parallel.pp=2", "parallel.virtual_stages=3", "parallel.pp_schedule=INTERLEAVED_1F1B"}, 2),
+            "--set parallel.virtual_stages=3: parallel.pp: parallel.pp * parallel.virtual_stages = 2 * 3 = 6 model chunks exceed "
+            "model.n_layers = 4 (every chunk needs a layer)");
+  EXPECT_EQ(config_error("model { n_layers: 6 }\nparallel { pp: 2 virtual_stages: 2 pp_schedule: INTERLEAVED_1F1B }\n"
+                         "train { global_batch: 32 micro_batch: 8 }\ndata { train: \"d\" }\n",
+                         {}, 2),
+            "bad.pbtxt:2: parallel.virtual_stages: parallel.virtual_stages = 2 does not divide the layers: model.n_layers = 6 is not "
+            "a multiple of parallel.pp * parallel.virtual_stages = 4; set parallel.pp_split for an uneven split");
+  EXPECT_EQ(config_error(kMinimal, {"parallel.pp=2", "parallel.pp_split=3,2"}, 2),
+            "--set parallel.pp_split=3,2: parallel.pp_split: parallel.pp_split \"3,2\" sums to 5 layers but "
+            "model.n_layers = 4");
+  EXPECT_EQ(config_error(kMinimal, {"parallel.pp=2", "parallel.pp_split=3,x"}, 2),
+            "--set parallel.pp_split=3,x: parallel.pp_split: parallel.pp_split \"3,x\": \"x\" is not a positive layer "
+            "count");
+  EXPECT_EQ(config_error(kMinimal, {"parallel.virtual_stages=2"}, 1),
+            "--set parallel.virtual_stages=2: parallel.pp_schedule: parallel.virtual_stages = 2 needs pp_schedule: "
+            "INTERLEAVED_1F1B");
   EXPECT_EQ(
       config_error("model { n_heads: 6 n_kv_heads: 2 dim: 384 }\nparallel { tp: 4 }\ndata { train: \"d\" }\n", {}, 4),
       "bad.pbtxt:2: parallel.tp: 4 does not divide model.n_heads = 6");

@@ -13,6 +13,10 @@
 //                  EP rank receives zero tokens in every layer
 //   --route starve sigmoid gating, a shared expert, aux-loss-free bias updates, and a selection
 //                  bias that keeps every token away from experts 2 and 3 (EP rank 1 of 4 starves)
+//   --pp N --schedule gpipe|1f1b|interleaved --vstages V --split "3,1"   pipeline parallelism; the
+//                  most micro-batches in flight on a rank must be the schedule's bound
+//   --dense N      the first N layers dense (with --split 1,3 a stage holds no MoE layer)
+//   --tie          tied embeddings (a replica on the last stage)
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -38,6 +42,9 @@ struct Layout {
   int tp = 1, dp = 1, ep = 1, zero = 0;
   int capacity = 0;   // model.capacity_factor when > 0
   std::string route;  // "", "one" or "starve"
+  int pp = 1, vstages = 1, dense = 0;
+  std::string schedule = "1f1b", split;
+  bool tie = false;
 };
 Layout g_layout;
 MpiRuntime* g_mpi = nullptr;
@@ -60,12 +67,13 @@ double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 
 
 TEST(LayoutInvariance, MatchesSingleRankRun) {
   const ProcessGrid grid = ProcessGrid::create(
-      *g_mpi, ParallelSizes{.tp = g_layout.tp, .pp = 1, .dp = g_layout.dp, .ep = g_layout.ep},
+      *g_mpi, ParallelSizes{.tp = g_layout.tp, .pp = g_layout.pp, .dp = g_layout.dp, .ep = g_layout.ep},
       /*collective_timeout_s=*/120.0);
   // Data: a small corpus prepared by rank 0 into a directory every rank reads.
   const fs::path dir = fs::temp_directory_path() /
-                       fmt::format("moeforge_layout_{}_{}_{}_{}_{}_{}", g_layout.tp, g_layout.dp, g_layout.ep,
-                                   g_layout.zero, g_layout.capacity, g_layout.route);
+                       fmt::format("moeforge_layout_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}", g_layout.tp, g_layout.dp,
+                                   g_layout.ep, g_layout.zero, g_layout.capacity, g_layout.route, g_layout.pp,
+                                   g_layout.schedule, g_layout.vstages, g_layout.split, g_layout.dense, g_layout.tie);
   const std::string corpus = testing::source_path("../shared/data/tinyshakespeare.txt");
   if (!fs::exists(corpus)) GTEST_SKIP() << "no corpus at " << corpus;
   if (grid.world_rank() == 0) {
@@ -84,6 +92,15 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
       "parallel.zero_stage=" + std::to_string(g_layout.zero), "parallel.ep=" + std::to_string(g_layout.ep),
       "logging.tensorboard=false"};
   if (g_layout.capacity > 0) overrides.push_back("model.capacity_factor=" + std::to_string(g_layout.capacity));
+  if (g_layout.dense > 0) overrides.push_back("model.n_dense_layers=" + std::to_string(g_layout.dense));
+  if (g_layout.tie) overrides.push_back("model.tie_embeddings=true");
+  overrides.push_back("parallel.pp=" + std::to_string(g_layout.pp));
+  overrides.push_back("parallel.virtual_stages=" + std::to_string(g_layout.vstages));
+  overrides.push_back(std::string("parallel.pp_schedule=") +
+                      (g_layout.schedule == "gpipe"         ? "GPIPE"
+                       : g_layout.schedule == "interleaved" ? "INTERLEAVED_1F1B"
+                                                            : "ONE_F_ONE_B"));
+  if (!g_layout.split.empty()) overrides.push_back("parallel.pp_split=" + g_layout.split);
   if (g_layout.route == "one") {
     overrides.insert(overrides.end(), {"model.top_k=1", "model.expert_bias_update_rate=1e-3"});
   } else if (g_layout.route == "starve") {
@@ -93,6 +110,8 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
   const std::string config = testing::source_path("configs/tiny.pbtxt");
   const config::RunConfig run = load_run_config(config, overrides, grid.world_size());
   std::vector<std::string> single_overrides = overrides;
+  for (const char* o : {"parallel.pp=1", "parallel.virtual_stages=1", "parallel.pp_schedule=ONE_F_ONE_B", "parallel.pp_split="})
+    single_overrides.push_back(o);
   single_overrides.push_back("parallel.tp=1");
   single_overrides.push_back("parallel.dp=1");
   single_overrides.push_back("parallel.zero_stage=0");
@@ -118,6 +137,16 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
     EXPECT_LE(rel(a.loss.aux, b.loss.aux), 1e-5) << "step " << s << " aux";
     EXPECT_LE(rel(a.grad_norm, b.grad_norm), 1e-5) << "step " << s << " grad norm " << a.grad_norm << " vs "
                                                    << b.grad_norm;
+    if (g_layout.pp > 1) {  // the schedule's memory bound, measured on the ranks
+      const int m = 8 / 2 / g_layout.dp, p = g_layout.pp, v = g_layout.vstages;
+      const int64_t bound = g_layout.schedule == "gpipe"         ? m
+                            : g_layout.schedule == "interleaved" ? std::min((p - 1) * 2 + (v - 1) * p + 1, m * v)
+                                                                 : std::min(p, m);
+      EXPECT_EQ(a.max_in_flight, bound) << "step " << s;
+      EXPECT_GT(a.peak_activation_bytes, 0);
+      EXPECT_GE(a.bubble, 0.0);
+      EXPECT_LT(a.bubble, 1.0);
+    }
     ASSERT_EQ(a.moe.size(), b.moe.size());
     for (size_t i = 0; i < a.moe.size(); ++i) {
       EXPECT_EQ(a.moe[i].min_tokens, b.moe[i].min_tokens) << "step " << s << " layer " << i;
@@ -164,15 +193,26 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
-    const int value = std::atoi(argv[i + 1]);
+    if (flag == "--tie") {  // the one flag without a value
+      moeforge::g_layout.tie = true;
+      continue;
+    }
+    if (i + 1 == argc) break;
+    const std::string text = argv[++i];
+    const int value = std::atoi(text.c_str());
     if (flag == "--tp") moeforge::g_layout.tp = value;
     if (flag == "--dp") moeforge::g_layout.dp = value;
     if (flag == "--zero") moeforge::g_layout.zero = value;
     if (flag == "--ep") moeforge::g_layout.ep = value;
     if (flag == "--capacity") moeforge::g_layout.capacity = value;
-    if (flag == "--route") moeforge::g_layout.route = argv[i + 1];
+    if (flag == "--route") moeforge::g_layout.route = text;
+    if (flag == "--pp") moeforge::g_layout.pp = value;
+    if (flag == "--vstages") moeforge::g_layout.vstages = value;
+    if (flag == "--schedule") moeforge::g_layout.schedule = text;
+    if (flag == "--split") moeforge::g_layout.split = text;
+    if (flag == "--dense") moeforge::g_layout.dense = value;
   }
   moeforge::MpiRuntime mpi;
   moeforge::g_mpi = &mpi;
