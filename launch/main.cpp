@@ -3,6 +3,10 @@
 //   moeforge train --config configs/tiny.pbtxt [--set train.steps=100 ...]
 //   moeforge data prepare --input a.txt b.txt --output data/ [--val-fraction 0.1]
 //   moeforge inspect checkpoints/run[/step_00001000]
+//   moeforge export CKPT --format hf|gguf --out PATH [...]    (launch/release.h)
+//   moeforge import HF_DIR --out CKPT_DIR
+//   moeforge generate CKPT --prompt TEXT [...]
+//   moeforge eval CKPT --data DIR [...]                        (launch/evaluate.h)
 //
 // Exit codes: 0 success; 1 a runtime error (bad data, I/O, numerical failure); 2 a usage or
 // configuration error. Every error is one line on stderr saying what and where.
@@ -18,6 +22,8 @@
 #include "data/prepare.h"
 #include "launch/checkpointing.h"
 #include "launch/config.h"
+#include "launch/evaluate.h"
+#include "launch/release.h"
 #include "launch/trainer.h"
 #include "parallel/mpi_runtime.h"
 
@@ -129,6 +135,54 @@ int main(int argc, char** argv) {
   CLI::App* inspect = app.add_subcommand("inspect", "Print a checkpoint's manifest and tensors and verify its checksums");
   inspect->add_option("checkpoint", inspect_path, "A step directory or a checkpoint directory (its latest)")->required();
 
+  moeforge::ExportCommand export_cmd;
+  CLI::App* exp = app.add_subcommand("export", "Export a checkpoint as open weights (Hugging Face safetensors or GGUF)");
+  exp->add_option("checkpoint", export_cmd.checkpoint, "A step directory or a checkpoint directory (its latest)")
+      ->required();
+  exp->add_option("--format", export_cmd.format, "hf (MixtralForCausalLM folder) or gguf (llama.cpp)")
+      ->required()->check(CLI::IsMember({"hf", "gguf"}));
+  exp->add_option("--out", export_cmd.out, "Output folder (hf) or file (gguf)")->required();
+  exp->add_option("--dtype", export_cmd.dtype, "hf: weight dtype")->check(CLI::IsMember({"bf16", "f16", "f32"}));
+  exp->add_option("--max-shard-size", export_cmd.max_shard_size, "hf: largest safetensors shard (e.g. 5GB, 500MB)");
+  exp->add_option("--type", export_cmd.type, "gguf: tensor type")
+      ->check(CLI::IsMember({"f32", "f16", "bf16", "q8_0", "q4_0"}));
+  exp->add_option("--license", export_cmd.license, "SPDX license id of the weights (e.g. Apache-2.0)");
+  exp->add_option("--name", export_cmd.name, "Model name for the model card / GGUF general.name");
+
+  std::string import_dir, import_out;
+  CLI::App* imp = app.add_subcommand("import", "Import a Hugging Face Mixtral-layout model as a checkpoint to train on");
+  imp->add_option("hf_dir", import_dir, "Folder with config.json and safetensors weights")->required();
+  imp->add_option("--out", import_out, "Checkpoint directory to create")->required();
+
+  moeforge::GenerateCommand gen_cmd;
+  bool no_bos = false;
+  CLI::App* gen = app.add_subcommand("generate", "Generate text from a checkpoint (KV-cache decoding)");
+  gen->add_option("checkpoint", gen_cmd.checkpoint, "A step directory or a checkpoint directory (its latest)")
+      ->required();
+  gen->add_option("--prompt", gen_cmd.prompt, "Text to continue")->required();
+  gen->add_option("--max-new-tokens", gen_cmd.sample.max_new_tokens, "Tokens to generate")->check(CLI::NonNegativeNumber);
+  gen->add_option("--temperature", gen_cmd.sample.temperature, "0: greedy")->check(CLI::NonNegativeNumber);
+  gen->add_option("--top-k", gen_cmd.sample.top_k, "Sample among the k most likely tokens (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  gen->add_option("--top-p", gen_cmd.sample.top_p, "Nucleus sampling mass in (0, 1]")->check(CLI::Range(1e-6, 1.0));
+  gen->add_option("--seed", gen_cmd.sample.seed, "Sampling seed");
+  gen->add_option("--context", gen_cmd.sample.context, "KV cache length (0: the model's max_seq_len)")
+      ->check(CLI::NonNegativeNumber);
+  gen->add_flag("--no-bos", no_bos, "Do not start the prompt with <bos>");
+
+  moeforge::EvalCommand eval_cmd;
+  CLI::App* ev = app.add_subcommand("eval", "Loss and perplexity of a checkpoint on held-out token shards");
+  ev->add_option("checkpoint", eval_cmd.checkpoint, "A step directory or a checkpoint directory (its latest)")
+      ->required();
+  ev->add_option("--data", eval_cmd.data, "A directory of token shards (e.g. the val/ of `data prepare`)")->required();
+  ev->add_option("--tp", eval_cmd.tp, "Tensor-parallel size (dp = ranks / tp)")->check(CLI::PositiveNumber);
+  ev->add_option("--ep", eval_cmd.ep, "Expert-parallel size")->check(CLI::PositiveNumber);
+  ev->add_option("--seq-len", eval_cmd.seq_len, "Window length (0: the checkpoint's train.seq_len)")
+      ->check(CLI::NonNegativeNumber);
+  ev->add_option("--micro-batch", eval_cmd.micro_batch, "Windows per forward")->check(CLI::PositiveNumber);
+  ev->add_option("--max-tokens", eval_cmd.max_tokens, "Score at most this many targets (0: all)")
+      ->check(CLI::NonNegativeNumber);
+
   if (const std::string unknown = unknown_subcommand(app, argc, argv); !unknown.empty()) {
     std::fprintf(stderr, "%s\nRun with --help for more information.\n", unknown.c_str());
     return 2;
@@ -150,6 +204,16 @@ int main(int argc, char** argv) {
     if (*train) return run_train(config_path, overrides, resume);
     if (*inspect) return moeforge::inspect_checkpoint(inspect_path);
     if (*prep) return run_prepare(prepare);
+    if (*exp) return moeforge::run_export(export_cmd);
+    if (*imp) return moeforge::run_import(import_dir, import_out);
+    if (*gen) {
+      gen_cmd.bos = !no_bos;
+      return moeforge::run_generate(gen_cmd);
+    }
+    if (*ev) {
+      moeforge::run_eval(eval_cmd);
+      return 0;
+    }
   } catch (const moeforge::ConfigError& e) {
     std::fprintf(stderr, "moeforge: config error: %s\n", e.what());
     return 2;

@@ -4,7 +4,8 @@
 # license texts every Debian/Ubuntu system ships (/usr/share/common-licenses) into byte-level
 # token shards, trains configs/tiny.pbtxt on them with data parallelism over several MPI ranks
 # (one per core, at most 4), and prints the falling validation loss and a sample of generated
-# text. Everything it writes goes under build/quickstart/.
+# text; then it releases the model: a Hugging Face folder (safetensors) and a GGUF file, and
+# measures it with `moeforge eval`. Everything it writes goes under build/quickstart/.
 #   scripts/quickstart.sh [--set field=value ...]   (extra overrides for `moeforge train`)
 #   MOEFORGE_RANKS=1 scripts/quickstart.sh           (a single process instead)
 set -euo pipefail
@@ -39,6 +40,14 @@ if [ "$ranks" -gt 1 ]; then
 fi
 "${launcher[@]}" "$moeforge" train --config configs/tiny.pbtxt \
   --set data.train="$work/data/train" --set data.val="$work/data/val" \
-  --set logging.dir="$work/run" "$@"
+  --set logging.dir="$work/run" --set checkpoint.dir="$work/checkpoints" "$@"
+
+echo "== exporting the trained model as open weights"
+rm -rf "$work/release"
+"$moeforge" export "$work/checkpoints" --format hf --out "$work/release/hf" --dtype bf16
+"$moeforge" export "$work/checkpoints" --format gguf --out "$work/release/model-q8_0.gguf" --type q8_0
+"$moeforge" eval "$work/checkpoints" --data "$work/data/val"
 
 echo "== done: metrics in $work/run (metrics.jsonl, TensorBoard events: tensorboard --logdir $work/run)"
+echo "   checkpoints in $work/checkpoints; open weights in $work/release (hf/: transformers, model-q8_0.gguf: llama.cpp)"
+echo "   try: $moeforge generate $work/checkpoints --prompt 'The ' --max-new-tokens 200"

@@ -10,11 +10,12 @@ scripts/install-deps.sh
 build_dir=${MOEFORGE_BUILD_DIR:-build}
 
 # Python readers the interop tests compare against, from PyPI, in a venv that also sees Debian's
-# torch and numpy. Tests find it at <build>/pyenv.
+# torch and numpy: TensorBoard's (metrics), and safetensors, gguf and tokenizers (open-weight
+# export, tests/export/). Tests find it at <build>/pyenv.
 if [ ! -x "$build_dir/pyenv/bin/python" ]; then
   /usr/bin/python3 -m venv --system-site-packages "$build_dir/pyenv"
 fi
-"$build_dir/pyenv/bin/python" -m pip install --quiet --disable-pip-version-check tensorboard crc32c
+"$build_dir/pyenv/bin/python" -m pip install --quiet --disable-pip-version-check tensorboard crc32c safetensors gguf tokenizers
 
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA="${MOEFORGE_CUDA:-AUTO}"
 cmake --build "$build_dir" -j "${MOEFORGE_JOBS:-2}"
