@@ -72,7 +72,8 @@ void rope_bwd(const Tensor& dout, float theta, const Tensor& dx);
 // Causal grouped-query attention. q (B, T, H, D), k and v (B, T, Hkv, D) with H % Hkv == 0 (query
 // head h reads kv head h / (H / Hkv)). out (B, T, H, D); lse (B, H, T) f32 receives each row's
 // log-sum-exp of the scaled scores, which the backward uses to rebuild probabilities. Tiled with
-// an online softmax: memory is linear in T.
+// an online softmax: memory is linear in T. f32 everywhere; on CUDA also bf16 q/k/v/out and
+// gradients (fp32 accumulation, lse f32), which run the fused flash-attention kernel.
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
                    const Tensor& lse);
 // dq (B, T, H, D), dk and dv (B, T, Hkv, D), all written.

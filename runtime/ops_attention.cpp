@@ -15,11 +15,18 @@ using detail::check_shape;
 
 namespace {
 
-// q (B, T, H, D), k and v (B, T, Hkv, D) with H a multiple of Hkv, lse (B, H, T); all f32.
-void check_qkv(std::string_view op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lse) {
-  check_dtype(op, {"q", q}, DType::kF32);
-  check_dtype(op, {"k", k}, DType::kF32);
-  check_dtype(op, {"v", v}, DType::kF32);
+// The dtype of q, k, v and the other activations: f32, or bf16 on a CUDA device (the fused
+// attention of runtime/cuda/flash_attention*.cu, mixed precision); lse is always f32.
+DType activation_dtype(const Device& dev, const Tensor& q) {
+  return dev.is_cuda() && q.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32;
+}
+
+// q (B, T, H, D), k and v (B, T, Hkv, D) with H a multiple of Hkv, lse (B, H, T) f32.
+void check_qkv(std::string_view op, DType dtype, const Tensor& q, const Tensor& k, const Tensor& v,
+               const Tensor& lse) {
+  check_dtype(op, {"q", q}, dtype);
+  check_dtype(op, {"k", k}, dtype);
+  check_dtype(op, {"v", v}, dtype);
   check_dtype(op, {"lse", lse}, DType::kF32);
   check_ndim(op, {"q", q}, 4);
   check_ndim(op, {"k", k}, 4);
@@ -40,8 +47,9 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scal
                    const Tensor& lse) {
   constexpr std::string_view op = "attention_fwd";
   const Device dev = check_same_device(op, {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}});
-  check_qkv(op, q, k, v, lse);
-  check_dtype(op, {"out", out}, DType::kF32);
+  const DType dtype = activation_dtype(dev, q);
+  check_qkv(op, dtype, q, k, v, lse);
+  check_dtype(op, {"out", out}, dtype);
   check_same_shape(op, {"out", out}, {"q", q});
   MOE_DISPATCH(attention_fwd, dev, q, k, v, scale, out, lse);
 }
@@ -52,13 +60,14 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   const Device dev = check_same_device(
       op,
       {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}, {"dout", dout}, {"dq", dq}, {"dk", dk}, {"dv", dv}});
-  check_qkv(op, q, k, v, lse);
+  const DType dtype = activation_dtype(dev, q);
+  check_qkv(op, dtype, q, k, v, lse);
   for (const detail::NamedTensor t : {detail::NamedTensor{"out", out}, {"dout", dout}, {"dq", dq}}) {
-    check_dtype(op, t, DType::kF32);
+    check_dtype(op, t, dtype);
     check_same_shape(op, t, {"q", q});
   }
   for (const detail::NamedTensor t : {detail::NamedTensor{"dk", dk}, {"dv", dv}}) {
-    check_dtype(op, t, DType::kF32);
+    check_dtype(op, t, dtype);
     check_same_shape(op, t, {"k", k});
   }
   MOE_DISPATCH(attention_bwd, dev, q, k, v, out, lse, dout, scale, dq, dk, dv);

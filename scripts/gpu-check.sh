@@ -3,7 +3,9 @@
 # backend for the local GPU's architecture only (fast), runs every gpu-labelled test (each CUDA op
 # against the CPU op on random inputs, fp32 to 1e-5 and bf16 to 1e-2, and a three-step training
 # run on both devices), then the backend benchmark (tests/gpu/bench_cuda_ops.cpp: copy bandwidth,
-# cuBLASLt GEMM TFLOP/s, per-op GB/s against the copy), and prints a short table last. Designed to
+# cuBLASLt GEMM TFLOP/s, per-op GB/s against the copy, fused attention TFLOP/s) and PyTorch's SDPA
+# on the same attention sizes (scripts/bench_sdpa.py, when torch is installed), and prints a short
+# table last. Designed to
 # finish well within 8 minutes on one H200 from a clean build directory.
 #
 #   scripts/gpu-check.sh [--build-dir DIR] [--quick]
@@ -56,6 +58,13 @@ tested=$(date +%s)
 echo "== benchmark"
 bench=$(mktemp)
 "$build/tests/bench_cuda_ops" $quick | tee "$bench" || status=1
+# The fused attention's baseline: PyTorch's SDPA on the same sizes, where torch is installed.
+sdpa=$(mktemp)
+if python3 -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
+  python3 scripts/bench_sdpa.py $quick | tee "$sdpa" || status=1
+else
+  echo "gpu-check: python3 with CUDA torch not found; no SDPA baseline" | tee "$sdpa"
+fi
 done_at=$(date +%s)
 
 echo
@@ -64,5 +73,6 @@ grep -E "tests passed|tests failed" "$log" | tail -n1
 printf "build %ds, tests %ds, benchmark %ds, total %ds\n" $((built - start)) $((tested - built)) \
   $((done_at - tested)) $((done_at - start))
 sed -n '/^CUDA backend benchmark/,$p' "$bench"
-rm -f "$log" "$bench"
+cat "$sdpa"
+rm -f "$log" "$bench" "$sdpa"
 exit $status

@@ -11,8 +11,8 @@
 // reports them as Errors.
 //
 // Files, one per op family: elementwise.cu (+ casts), gemm.cpp (cuBLASLt), grouped_gemm.cu,
-// embedding.cu, rmsnorm.cu, rope_swiglu.cu, cross_entropy.cu, attention.cu, router.cu,
-// moe_dispatch.cu; the optimizer update is in adamw.h.
+// embedding.cu, rmsnorm.cu, rope_swiglu.cu, cross_entropy.cu, attention.cu (+ flash_attention*.cu),
+// router.cu, moe_dispatch.cu; the optimizer update is in adamw.h.
 #pragma once
 
 #include "runtime/ops.h"
@@ -64,6 +64,23 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scal
                    const Tensor& lse);
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                    const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv);
+
+// ---- fused bf16 attention (flash_attention*.cu, ops_flash_attention.cpp) ----
+// attention_fwd and attention_bwd above run it for bf16 q, k, v (head dim 64 or 128); f32 tensors
+// take the exact fp32 kernels of attention.cu. Called directly, it also takes packed sequences and
+// a sliding window (shapes and mask in runtime/cuda/attention_plan.h).
+struct FlashOptions {
+  int64_t window = 0;  // > 0: query i sees keys j with i - j < window (Mistral); 0: plain causal
+  Tensor cu_seqlens;   // (B + 1) i32 cumulative lengths on the device, or undefined (dense)
+  int64_t max_seqlen = 0;  // the longest sequence, with cu_seqlens
+};
+// q, k, v, out bf16; lse f32 (B, H, T) or (H, R).
+void flash_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
+                         const Tensor& lse, const FlashOptions& opt = {});
+// dq, dk, dv bf16, written.
+void flash_attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                         const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                         const FlashOptions& opt = {});
 
 // ---- MoE routing (router.cu, moe_dispatch.cu) ----
 void router_fwd(const Tensor& logits, ops::Gating gating, int k, const Tensor& bias, const Tensor& weights,

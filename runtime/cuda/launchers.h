@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "runtime/cuda/attention_plan.h"
 #include "runtime/dtype.h"
 
 namespace moeforge::cuda::launch {
@@ -74,17 +75,25 @@ cudaError_t attention_bwd(const AttentionDims& d, const float* q, const float* k
                           const float* lse, const float* dout, float scale, float* dq, float* dk, float* dv,
                           float* delta, cudaStream_t s);
 
+// ---- flash_attention.cu (fused bf16 attention on the tensor cores; sizes and tiles planned by
+// flash::plan_flash_attention, pointers and sizes in args) ----
+cudaError_t flash_attention_fwd(const flash::FlashArgs& args, const flash::Plan& plan, cudaStream_t s);
+// Also writes args.delta (the dO·O pre-pass).
+cudaError_t flash_attention_bwd(const flash::FlashArgs& args, const flash::Plan& plan, cudaStream_t s);
+
 // ---- grouped_gemm.cu ----
 cudaError_t grouped_gemm_fwd(const float* x, const float* w, const int64_t* offsets, float* out, int64_t m,
                              int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s);
 cudaError_t grouped_gemm_bwd(const float* x, const float* w, const int64_t* offsets, const float* dout, float* dx,
                              float* dw, int64_t m, int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s);
 
-// ---- router.cu ----
-cudaError_t router_fwd(const float* logits, int64_t n, int64_t e, bool sigmoid, int k, const float* bias,
-                       float* weights, int32_t* experts, float* probs, cudaStream_t s);
-cudaError_t router_bwd(const float* logits, int64_t n, int64_t e, bool sigmoid, int k, const int32_t* experts,
-                       const float* dweights, const float* dprobs, float* dlogits, cudaStream_t s);
+// ---- fused_router.cu ----
+cudaError_t fused_router_fwd(const float* logits, int64_t n, int64_t e, bool sigmoid, int k, const float* bias,
+                             float* weights, int32_t* experts, float* probs, cudaStream_t s);
+cudaError_t fused_router_bwd(const float* logits, int64_t n, int64_t e, bool sigmoid, int k, const int32_t* experts,
+                             const float* dweights, const float* dprobs, float* dlogits, cudaStream_t s);
+
+// ---- router.cu (losses) ----
 // scratch: e doubles.
 cudaError_t moe_aux_loss_fwd(const float* probs, const int64_t* counts, int64_t n, int64_t e, int k,
                              int64_t num_tokens, float* loss, double* scratch, cudaStream_t s);

@@ -138,6 +138,7 @@ launch::AttentionDims attention_dims(const char* op, const Tensor& q, const Tens
 
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
                    const Tensor& lse) {
+  if (q.dtype() == DType::kBF16) return flash_attention_fwd(q, k, v, scale, out, lse);
   const launch::AttentionDims d = attention_dims("attention_fwd", q, k);
   if (d.B * d.H * d.T == 0) return;
   MOE_CUDA_CHECK(launch::attention_fwd(d, q.data<float>(), k.data<float>(), v.data<float>(), scale, out.data<float>(),
@@ -146,6 +147,7 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scal
 
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                    const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  if (q.dtype() == DType::kBF16) return flash_attention_bwd(q, k, v, out, lse, dout, scale, dq, dk, dv);
   const launch::AttentionDims d = attention_dims("attention_bwd", q, k);
   if (d.B * d.H * d.T == 0) return;
   const Tensor delta = Tensor::empty({d.B, d.H, d.T}, DType::kF32, q.device());

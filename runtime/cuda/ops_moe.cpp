@@ -1,6 +1,6 @@
 // Tensor-level CUDA MoE routing ops and the grouped expert GEMM: grid-limit checks, scratch from
-// the caching allocator, launch status checks (kernels in router.cu, moe_dispatch.cu and
-// grouped_gemm.cu).
+// the caching allocator, launch status checks (kernels in fused_router.cu, router.cu,
+// moe_dispatch.cu and grouped_gemm.cu).
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/kernels.h"
@@ -31,7 +31,8 @@ void router_fwd(const Tensor& logits, ops::Gating gating, int k, const Tensor& b
                 const Tensor& experts, const Tensor& probs) {
   const int64_t n = logits.dim(0), e = logits.dim(1);
   if (n == 0) return;
-  MOE_CUDA_CHECK(launch::router_fwd(logits.data<float>(), n, e, gating == ops::Gating::kSigmoidTopK, k,
+  check_blocks("router_fwd", (n + 3) / 4, "blocks of 4 tokens");
+  MOE_CUDA_CHECK(launch::fused_router_fwd(logits.data<float>(), n, e, gating == ops::Gating::kSigmoidTopK, k,
                                     bias.defined() ? bias.data<float>() : nullptr, weights.data<float>(),
                                     experts.data<int32_t>(), probs.data<float>(), stream_of(logits)));
 }
@@ -40,7 +41,8 @@ void router_bwd(const Tensor& logits, ops::Gating gating, const Tensor& experts,
                 const Tensor& dprobs, const Tensor& dlogits) {
   const int64_t n = logits.dim(0), e = logits.dim(1);
   if (n == 0) return;
-  MOE_CUDA_CHECK(launch::router_bwd(logits.data<float>(), n, e, gating == ops::Gating::kSigmoidTopK,
+  check_blocks("router_bwd", (n + 3) / 4, "blocks of 4 tokens");
+  MOE_CUDA_CHECK(launch::fused_router_bwd(logits.data<float>(), n, e, gating == ops::Gating::kSigmoidTopK,
                                     static_cast<int>(experts.dim(1)), experts.data<int32_t>(), dweights.data<float>(),
                                     dprobs.defined() ? dprobs.data<float>() : nullptr, dlogits.data<float>(),
                                     stream_of(logits)));

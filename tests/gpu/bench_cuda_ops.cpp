@@ -1,8 +1,9 @@
 // Benchmark (a program, not a test) of the CUDA backend on one device: device-to-device copy
 // bandwidth (the yardstick), cuBLASLt GEMM TFLOP/s in bf16 (all four transpose combinations) and
-// fp32, and the memory-bound ops' effective GB/s (bytes each op must read and write, over its
-// time) as a fraction of the copy. Times are medians of event-timed runs on the compute stream
-// after warm-up. Prints one table; scripts/gpu-check.sh runs it.
+// fp32, the memory-bound ops' effective GB/s (bytes each op must read and write, over its time)
+// as a fraction of the copy, and the fused bf16 attention's TFLOP/s for T = 1k..16k. Times are
+// medians of event-timed runs on the compute stream after warm-up. Prints one table;
+// scripts/gpu-check.sh runs it.
 //
 //   bench_cuda_ops [--quick]
 #include <algorithm>
@@ -119,6 +120,20 @@ int main(int argc, char** argv) {
     std::vector<int32_t> ex(static_cast<size_t>(n * k));
     for (size_t i = 0; i < ex.size(); ++i) ex[i] = static_cast<int32_t>((i * 2654435761u) % 8);
     const Tensor experts = Tensor::from_ints({n, k}, ex).to_device(kGpu);
+    // The router (fused_router.cu) at DeepSeek-V3's size: E = 256, k = 8; reads logits, writes
+    // probs (and the small weights and ids); the backward reads logits and dprobs, writes dlogits.
+    {
+      const int64_t e = 256;
+      const int kr = 8;
+      const Tensor logits = filled({n, e}, 0.3f), probs = filled({n, e}, 0.0f);
+      const Tensor rw = filled({n, kr}, 0.0f), rex = filled({n, kr}, 0.0f, DType::kI32);
+      bandwidth("router_fwd sigmoid", "16k x 256, k=8", 2.0 * logits.nbytes() + rw.nbytes() + rex.nbytes(),
+                [&] { ops::router_fwd(logits, ops::Gating::kSigmoidTopK, kr, Tensor(), rw, rex, probs); });
+      ops::router_fwd(logits, ops::Gating::kSoftmaxTopK, kr, Tensor(), rw, rex, probs);
+      const Tensor dlogits = filled({n, e}, 0.0f);
+      bandwidth("router_bwd softmax", "16k x 256, k=8", 3.0 * logits.nbytes() + 2.0 * rw.nbytes(),
+                [&] { ops::router_bwd(logits, ops::Gating::kSoftmaxTopK, rex, rw, probs, dlogits); });
+    }
     bandwidth("moe_plan", "16k x 2 -> 8", 2.0 * experts.nbytes(), [&] { ops::moe_plan(experts, 8, positions, offsets); });
     const Tensor xp = filled({n * k, c}, 0.0f);
     bandwidth("moe_permute_fwd", "16k x 2 x 4096", 2.0 * xp.nbytes(), [&] { ops::moe_permute_fwd(x, positions, xp); });
@@ -155,6 +170,29 @@ int main(int argc, char** argv) {
     const double flops = 4.0 * 16 * 128 * t * t / 2;  // causal: half the score matrix
     rows.push_back({"attention_fwd (plain fp32)", "T=" + std::to_string(t) + " H=16/4 D=128", ms, flops / ms / 1e9,
                     "TFLOP/s", -1});
+  }
+
+  {
+    // The fused bf16 attention (flash_attention*.cu) at head dim 128, 16k tokens per call (B = 16k
+    // / T), H = Hkv = 16 as scripts/bench_sdpa.py runs PyTorch's SDPA. FLOPs as FlashAttention
+    // counts them: forward 4 B H D T^2, halved for the causal mask; backward 2.5 x the forward.
+    const int64_t h = 16, d = 128, tokens = 16384;
+    for (const int64_t t : quick ? std::vector<int64_t>{1024, 8192} : std::vector<int64_t>{1024, 2048, 4096, 8192, 16384}) {
+      const int64_t b = tokens / t;
+      const Shape qs{b, t, h, d};
+      const Tensor q = filled(qs, 0.1f, DType::kBF16), k = filled(qs, 0.1f, DType::kBF16);
+      const Tensor v = filled(qs, 0.1f, DType::kBF16), out = filled(qs, 0.0f, DType::kBF16);
+      const Tensor lse = filled({b, h, t}, 0.0f), dout = filled(qs, 0.01f, DType::kBF16);
+      const Tensor dq = filled(qs, 0.0f, DType::kBF16), dk = filled(qs, 0.0f, DType::kBF16);
+      const Tensor dv = filled(qs, 0.0f, DType::kBF16);
+      const double flops = 4.0 * b * h * d * t * t / 2;
+      const std::string size = "T=" + std::to_string(t) + " B=" + std::to_string(b) + " H=16 D=128";
+      const double fwd = time_ms([&] { ops::attention_fwd(q, k, v, 0.088f, out, lse); }, quick ? 3 : 10);
+      rows.push_back({"flash attention fwd bf16", size, fwd, flops / fwd / 1e9, "TFLOP/s", -1});
+      const double bwd =
+          time_ms([&] { ops::attention_bwd(q, k, v, out, lse, dout, 0.088f, dq, dk, dv); }, quick ? 3 : 10);
+      rows.push_back({"flash attention bwd bf16", size, bwd, 2.5 * flops / bwd / 1e9, "TFLOP/s", -1});
+    }
   }
 
   std::printf("\nCUDA backend benchmark on %s (%d SMs)%s\n", prop.name, prop.multiProcessorCount,
