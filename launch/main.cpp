@@ -7,6 +7,7 @@
 //   moeforge import HF_DIR --out CKPT_DIR
 //   moeforge generate CKPT --prompt TEXT [...]
 //   moeforge eval CKPT --data DIR [...]                        (launch/evaluate.h)
+//   moeforge plan --config X --cluster C [--gpus N] [--json F] (launch/plan_search.h)
 //
 // Exit codes: 0 success; 1 a runtime error (bad data, I/O, numerical failure); 2 a usage or
 // configuration error. Every error is one line on stderr saying what and where.
@@ -23,6 +24,7 @@
 #include "launch/checkpointing.h"
 #include "launch/config.h"
 #include "launch/evaluate.h"
+#include "launch/plan_search.h"
 #include "launch/release.h"
 #include "launch/trainer.h"
 #include "parallel/mpi_runtime.h"
@@ -183,6 +185,15 @@ int main(int argc, char** argv) {
   ev->add_option("--max-tokens", eval_cmd.max_tokens, "Score at most this many targets (0: all)")
       ->check(CLI::NonNegativeNumber);
 
+  std::string plan_config, plan_cluster, plan_json;
+  int plan_gpus = 0;
+  CLI::App* plan = app.add_subcommand("plan", "Rank every TP x PP x EP x DP layout of a run on a cluster by memory and speed");
+  plan->add_option("--config", plan_config, "Run configuration (its model and train sections are planned for)")
+      ->required();
+  plan->add_option("--cluster", plan_cluster, "Cluster description (protobuf text, see cluster/*.pbtxt)")->required();
+  plan->add_option("--gpus", plan_gpus, "GPUs to lay the run out on (default: one node)")->check(CLI::PositiveNumber);
+  plan->add_option("--json", plan_json, "Also write every layout's estimate to this JSON file");
+
   if (const std::string unknown = unknown_subcommand(app, argc, argv); !unknown.empty()) {
     std::fprintf(stderr, "%s\nRun with --help for more information.\n", unknown.c_str());
     return 2;
@@ -210,6 +221,7 @@ int main(int argc, char** argv) {
       gen_cmd.bos = !no_bos;
       return moeforge::run_generate(gen_cmd);
     }
+    if (*plan) return moeforge::run_plan(plan_config, plan_cluster, plan_gpus, plan_json);
     if (*ev) {
       moeforge::run_eval(eval_cmd);
       return 0;

@@ -121,8 +121,8 @@ TEST_F(Cli, UsageErrorsExitTwo) {
 // "A subcommand is required", which sends the user looking elsewhere).
 TEST_F(Cli, UnknownSubcommandIsNamed) {
   const std::string more = "\nRun with --help for more information.\n";
-  EXPECT_EQ(run("frobnicate").err, "moeforge: unknown subcommand 'frobnicate'; expected one of: train, data, inspect, export, import, generate, eval" + more);
-  EXPECT_EQ(run("--frobnicate").err, "moeforge: unknown option '--frobnicate'; expected one of: train, data, inspect, export, import, generate, eval" + more);
+  EXPECT_EQ(run("frobnicate").err, "moeforge: unknown subcommand 'frobnicate'; expected one of: train, data, inspect, export, import, generate, eval, plan" + more);
+  EXPECT_EQ(run("--frobnicate").err, "moeforge: unknown option '--frobnicate'; expected one of: train, data, inspect, export, import, generate, eval, plan" + more);
   EXPECT_EQ(run("data frobnicate").err,
             "moeforge data: unknown subcommand 'frobnicate'; expected one of: prepare" + more);
 }
