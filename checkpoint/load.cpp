@@ -2,6 +2,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <map>
 #include <optional>
 
@@ -46,7 +47,10 @@ std::optional<std::string> damaged_dataset(const H5File& file) {
   return std::nullopt;
 }
 
-// Shard files opened once each, their digests checked against the manifest on first use.
+// Shard files opened once each. A file's SHA-256 is computed on a thread of its own while the
+// hyperslabs are read (it reads the file without HDF5), and checked against the manifest by
+// check(): after a failed read of the file (so a damaged chunk is reported as a corrupt file,
+// naming the dataset) and for every file at the end of the load.
 class ShardFiles {
  public:
   ShardFiles(std::string dir, const Manifest& m) : dir_(std::move(dir)) {
@@ -55,32 +59,51 @@ class ShardFiles {
 
   const H5File& get(const std::string& name) {
     const auto open = files_.find(name);
-    if (open != files_.end()) return open->second;
+    if (open != files_.end()) return open->second.file;
     const auto entry = entries_.find(name);
     MOE_CHECK(entry != entries_.end(), "checkpoint {}: a piece names file {}, which the manifest does not list", dir_,
               name);
     const std::string path = (fs::path(dir_) / name).string();
     MOE_CHECK(fs::exists(path), "checkpoint {}: shard file {} is missing", dir_, name);
-    const FileDigest d = digest_file(path);
-    const File& want = *entry->second;
-    if (d.size != want.size() || d.sha256 != want.sha256()) {
-      std::string where = "the damage is outside the tensor data (HDF5 metadata)";
-      try {
-        const H5File file = H5File::open(path);
-        if (const auto bad = damaged_dataset(file)) where = *bad;
-      } catch (const Error& e) {
-        where = e.what();
-      }
-      MOE_THROW("checkpoint {}: shard file {} is corrupt: size {} / SHA-256 {}, the manifest says {} / {}; {}", dir_,
-                name, d.size, d.sha256, want.size(), want.sha256(), where);
+    std::shared_future<FileDigest> digest = std::async(std::launch::async, [path] { return digest_file(path); }).share();
+    try {
+      return files_.emplace(name, Open{H5File::open(path), digest}).first->second.file;
+    } catch (const Error&) {
+      check_digest(name, digest.get());  // a damaged file is reported as such
+      throw;
     }
-    return files_.emplace(name, H5File::open(path)).first->second;
+  }
+
+  // Throws when the file's digest disagrees with the manifest (waits for the digest).
+  void check(const std::string& name) { check_digest(name, files_.at(name).digest.get()); }
+  void check_all() {
+    for (auto& [name, open] : files_) check_digest(name, open.digest.get());
   }
 
  private:
+  struct Open {
+    H5File file;
+    std::shared_future<FileDigest> digest;
+  };
+
+  void check_digest(const std::string& name, const FileDigest& d) const {
+    const File& want = *entries_.at(name);
+    if (d.size == want.size() && d.sha256 == want.sha256()) return;
+    const std::string path = (fs::path(dir_) / name).string();
+    std::string where = "the damage is outside the tensor data (HDF5 metadata)";
+    try {
+      const H5File file = H5File::open(path);
+      if (const auto bad = damaged_dataset(file)) where = *bad;
+    } catch (const Error& e) {
+      where = e.what();
+    }
+    MOE_THROW("checkpoint {}: shard file {} is corrupt: size {} / SHA-256 {}, the manifest says {} / {}; {}", dir_,
+              name, d.size, d.sha256, want.size(), want.sha256(), where);
+  }
+
   std::string dir_;
   std::map<std::string, const File*> entries_;
-  std::map<std::string, H5File> files_;
+  std::map<std::string, Open> files_;
 };
 
 // Fills `dst` (row-major, of shape dst_box.shape, placed at dst_box.offset of the global tensor)
@@ -101,7 +124,12 @@ void read_box(const std::string& dir, const TensorEntry& t, const Box& want, con
       src[d] = part->offset[d] - stored.offset[d];
       at[d] = part->offset[d] - dst_box.offset[d];
     }
-    file.read(piece.dataset(), src, part->shape, dst, dst_box.shape, at);
+    try {
+      file.read(piece.dataset(), src, part->shape, dst, dst_box.shape, at);
+    } catch (const Error&) {
+      files.check(piece.file());  // a damaged file is reported as such
+      throw;
+    }
     covered += part->numel();
   }
   MOE_CHECK(covered == want.numel(), "checkpoint {}: the pieces of {} ({}) cover {} of the {} elements of box {} at {}",
@@ -111,15 +139,26 @@ void read_box(const std::string& dir, const TensorEntry& t, const Box& want, con
 
 }  // namespace
 
-LoadedState load(const std::string& step_dir, ParamRegistry& registry, DistributedOptimizer* optimizer) {
+LoadedState load(const std::string& step_dir, ParamRegistry& registry, DistributedOptimizer* optimizer,
+                 Comm* pipeline) {
   LoadedState out;
   out.path = step_dir;
   out.manifest = read_manifest(step_dir);
   const Manifest& m = out.manifest;
+  // Which stored tensors some stage of the pipeline holds (the all-reduce comes before any check
+  // that can fail on one rank alone, so no rank is left waiting in it).
+  std::vector<int32_t> held;
+  for (const TensorEntry& t : m.tensors()) held.push_back(registry.contains(t.name()) ? 1 : 0);
+  if (pipeline && pipeline->size() > 1) {
+    const Tensor any = Tensor::from_ints({static_cast<int64_t>(held.size())}, held);
+    pipeline->all_reduce(any, ReduceOp::kMax);
+    held.assign(any.data<int32_t>(), any.data<int32_t>() + held.size());
+  }
   std::map<std::pair<std::string, int>, const TensorEntry*> index;
-  for (const TensorEntry& t : m.tensors()) {
+  for (int i = 0; i < m.tensors_size(); ++i) {
+    const TensorEntry& t = m.tensors(i);
     index[{t.name(), static_cast<int>(t.kind())}] = &t;
-    MOE_CHECK(registry.contains(t.name()),
+    MOE_CHECK(held[i] != 0,
               "checkpoint {}: tensor {} is not a parameter of this model (a checkpoint of another model?)", step_dir,
               t.name());
   }
@@ -145,17 +184,23 @@ LoadedState load(const std::string& step_dir, ParamRegistry& registry, Distribut
         read_box(step_dir, t, want, local, p.value.data<float>(), files);
         continue;
       }
-      // Moments: the full local block, then this rank's owned range of it.
+      // Moments: the full local block, then this rank's owned range of it (without ZeRO-1, the
+      // whole block, read straight into the state).
       AdamW& adamw = optimizer->adamw();
       const ElementRange r = adamw.owned_range(p.spec.name);
-      std::vector<float> block(static_cast<size_t>(p.value.numel()), 0.0f);
-      read_box(step_dir, t, want, local, block.data(), files);
       Tensor& state = kind == EXP_AVG ? adamw.exp_avg(p.spec.name) : adamw.exp_avg_sq(p.spec.name);
       MOE_CHECK(state.numel() == r.size(), "checkpoint: AdamW state of {} has {} elements, its owned range {}",
                 p.spec.name, state.numel(), r.size());
+      if (r.size() == p.value.numel()) {
+        read_box(step_dir, t, want, local, state.data<float>(), files);
+        continue;
+      }
+      std::vector<float> block(static_cast<size_t>(p.value.numel()), 0.0f);
+      read_box(step_dir, t, want, local, block.data(), files);
       if (r.size() > 0) std::memcpy(state.data<float>(), block.data() + r.begin, static_cast<size_t>(r.size()) * sizeof(float));
     }
   }
+  files.check_all();
   if (optimizer) optimizer->adamw().set_steps(m.optimizer_steps());
   return out;
 }

@@ -7,13 +7,18 @@
 // moments are read the same way into the full local block, and this rank keeps its owned range
 // (ZeRO-1) or all of it. Every element of every local block must be covered exactly once.
 //
-// Integrity: before its first read from a shard file, the file's size and SHA-256 are checked
-// against the manifest; on a mismatch every dataset of the file is read so the error names the
-// damaged one (its Fletcher-32 check fails). A missing shard file, a tensor missing from the
-// checkpoint or unknown to the model, another global shape and a dtype other than f32 each end
-// in an Error naming the checkpoint, the file or tensor, and what was expected.
+// Integrity: a shard file's size and SHA-256 are computed on a thread of their own while its
+// hyperslabs are read, and checked against the manifest after any failed read of the file and
+// for every file before load returns; on a mismatch every dataset of the file is read so the
+// error names the damaged one (its Fletcher-32 check fails). A missing shard file, a tensor
+// missing from the checkpoint or unknown to the model, another global shape and a dtype other
+// than f32 each end in an Error naming the checkpoint, the file or tensor, and what was
+// expected. A failed load leaves the registry partly overwritten.
 //
-// No communication: every rank reads what it needs. Run while no save is in flight.
+// Pipelines: a rank's registry holds only its stage's parameters, so "unknown to the model"
+// means unknown to every stage. Given the pipeline group (ProcessGrid::pp()), one all-reduce over
+// it marks the stored tensors some stage holds; the rest are the other model's. Besides that
+// all-reduce, no communication: every rank reads what it needs. Run while no save is in flight.
 #pragma once
 
 #include <cstdint>
@@ -30,8 +35,10 @@ struct LoadedState {
 };
 
 // Loads the step directory `step_dir` into the registry's local blocks and, with an optimizer,
-// its AdamW moments and step count.
-LoadedState load(const std::string& step_dir, ParamRegistry& registry, DistributedOptimizer* optimizer);
+// its AdamW moments and step count. `pipeline`: the group whose registries together hold the
+// whole model (collective over it); nullptr when `registry` alone holds every parameter.
+LoadedState load(const std::string& step_dir, ParamRegistry& registry, DistributedOptimizer* optimizer,
+                 Comm* pipeline = nullptr);
 
 // Checks every file of a checkpoint: size and SHA-256 against the manifest, every dataset read
 // in full (Fletcher-32) and its attributes against the tensor index. One line per problem;

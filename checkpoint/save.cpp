@@ -30,14 +30,19 @@ const char* kind_name(TensorKind k) {
   }
 }
 
-// Copies the box `box` out of a row-major local block (local_shape) whose box starts at the
-// local block's origin and differs only in dim 0 (padding rows cut off): a prefix of the data.
-std::vector<float> leading_rows(const float* block, const Box& box) {
-  return {block, block + box.numel()};
-}
-
-void add_block(Snapshot& s, const Param& p, TensorKind kind, const Box& box, const float* local) {
-  s.blocks.push_back({p.spec.name, kind, stored_shape(p.spec), box, leading_rows(local, box)});
+// The box `box` of a row-major local block starts at the block's origin and differs from it
+// only in dim 0 (padding rows cut off): a prefix of the block's data, viewed or copied.
+void add_block(Snapshot& s, const Param& p, TensorKind kind, const Box& box, const float* local, bool copy) {
+  Snapshot::Block& b = s.blocks.emplace_back();
+  b.name = p.spec.name;
+  b.kind = kind;
+  b.global_shape = stored_shape(p.spec);
+  b.box = box;
+  if (copy) {
+    b.copy.assign(local, local + box.numel());
+  } else {
+    b.view = local;
+  }
 }
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
@@ -135,7 +140,7 @@ void prune(const std::string& dir, int keep_last) {
 
 std::string step_dir_name(int64_t step) { return fmt::format("step_{:08}", step); }
 
-Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, const ProcessGrid& grid) {
+Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, const ProcessGrid& grid, bool copy) {
   Snapshot s;
   s.world_rank = grid.world_rank();
   const ParallelSizes& sizes = grid.sizes();
@@ -191,7 +196,7 @@ Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, cons
     if (!writes(p.spec, sizes, s.world_rank)) continue;
     const Box box = stored_block(p);
     if (box.numel() == 0) continue;
-    add_block(s, p, PARAM, box, p.value.data<float>());
+    add_block(s, p, PARAM, box, p.value.data<float>(), copy);
     if (!p.spec.trainable) continue;
     const float *m = nullptr, *v = nullptr;
     if (const Gather* ga = gather_of(p)) {
@@ -202,9 +207,11 @@ Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, cons
       m = adamw.exp_avg(p.spec.name).data<float>();
       v = adamw.exp_avg_sq(p.spec.name).data<float>();
     }
-    add_block(s, p, EXP_AVG, box, m);
-    add_block(s, p, EXP_AVG_SQ, box, v);
+    add_block(s, p, EXP_AVG, box, m, copy);
+    add_block(s, p, EXP_AVG_SQ, box, v, copy);
   }
+  if (!copy)
+    for (Gather& ga : gathers) s.gathered.push_back(std::move(ga.buf));
   return s;
 }
 
@@ -218,8 +225,9 @@ ShardRecord write_shard(const Snapshot& snapshot, const std::string& tmp_dir, in
     H5File file = H5File::create(path);
     for (const Snapshot::Block& b : snapshot.blocks) {
       const std::string dataset = fmt::format("{}/{}", kind_name(b.kind), b.name);
-      file.write(dataset, b.data.data(), b.box.shape,
+      file.write(dataset, b.values(), b.box.shape,
                  BlockAttrs{b.name, kind_name(b.kind), b.global_shape, b.box.offset});
+      file.start_writeback();
       TensorEntry* t = record.add_tensors();
       t->set_name(b.name);
       t->set_kind(b.kind);
@@ -232,8 +240,16 @@ ShardRecord write_shard(const Snapshot& snapshot, const std::string& tmp_dir, in
       for (const int64_t d : b.box.shape) piece->add_shape(d);
     }
     file.close();
-    fsync_path(path);
-    const FileDigest digest = digest_file(path);
+    // The digest reads the file back from the page cache while fsync waits for the disk.
+    std::future<FileDigest> hashed = std::async(std::launch::async, [&path] { return digest_file(path); });
+    std::string fsync_error;
+    try {
+      fsync_path(path);
+    } catch (const std::exception& e) {
+      fsync_error = e.what();
+    }
+    const FileDigest digest = hashed.get();
+    MOE_CHECK(fsync_error.empty(), "{}", fsync_error);
     record.mutable_file()->set_name(name);
     record.mutable_file()->set_size(digest.size);
     record.mutable_file()->set_sha256(digest.sha256);
@@ -285,7 +301,7 @@ std::optional<SaveOutcome> Saver::save(const RunState& state, ParamRegistry& reg
     }
   }
   grid_.world().barrier();
-  auto shared = std::make_shared<Snapshot>(snapshot(registry, optimizer, grid_));
+  auto shared = std::make_shared<Snapshot>(snapshot(registry, optimizer, grid_, /*copy=*/async_));
   const std::string tmp = p->tmp_dir;
   const int64_t step = state.step;
   if (async_) {

@@ -2,14 +2,15 @@
 // per writing rank (rank_00003.h5, by world rank).
 //
 // A save has three phases:
-//  1. snapshot (collective): every rank copies the blocks it writes (checkpoint/placement.h)
-//     into host buffers: parameters and, for trainable ones, the AdamW moments in model
-//     coordinates. With ZeRO-1 a rank holds only its flat range of the moments; the ranges of a
+//  1. snapshot (collective): every rank collects the blocks it writes (checkpoint/placement.h):
+//     parameters and, for trainable ones, the AdamW moments in model coordinates; an async save
+//     copies them into host buffers, a synchronous one writes straight from the live tensors. With ZeRO-1 a rank holds only its flat range of the moments; the ranges of a
 //     parameter's state group are gathered to the writer (an all-reduce of zero-filled local
 //     blocks over the group, exact because every element has exactly one non-zero contributor
 //     and moments are never -0). Padding rows are cut off.
 //  2. write (no communication; the background thread with async saves): the shard file goes
-//     into `<dir>/.tmp_step_00000010/`, is closed, fsynced and hashed (SHA-256).
+//     into `<dir>/.tmp_step_00000010/` and is closed; then it is fsynced while a second thread
+//     hashes it (SHA-256) from the page cache, so the digest costs no time beyond the fsync.
 //  3. commit (collective over the world): the ranks' records are gathered on rank 0, which
 //     writes manifest.pb, fsyncs it and the directory, renames the directory to
 //     `step_00000010`, fsyncs `<dir>`, replaces `<dir>/latest` atomically (temp file + rename)
@@ -49,21 +50,26 @@ struct RunState {
   config::RunConfig config;
 };
 
-// One rank's blocks, copied to host memory.
+// One rank's blocks: copies in host memory (async saves, which write while training goes on)
+// or views of the live tensors (synchronous saves, which write before training resumes).
 struct Snapshot {
   struct Block {
     std::string name;
     TensorKind kind = PARAM;
     std::vector<int64_t> global_shape;
     Box box;
-    std::vector<float> data;  // row-major box.shape
+    const float* view = nullptr;  // the live numbers, when not copied
+    std::vector<float> copy;
+    const float* values() const { return view ? view : copy.data(); }  // row-major box.shape
   };
   int world_rank = 0;
   std::vector<Block> blocks;
+  std::vector<Tensor> gathered;  // ZeRO-1 moments gathered to this writer (views point into them)
 };
 
-// Phase 1 (collective over the state groups under ZeRO-1).
-Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, const ProcessGrid& grid);
+// Phase 1 (collective over the state groups under ZeRO-1). copy: copy the blocks (else the
+// snapshot views the registry and optimizer, which must not change until it is written).
+Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, const ProcessGrid& grid, bool copy);
 
 // Phase 2: writes snapshot's blocks as `<tmp_dir>/rank_NNNNN.h5` (no file when it has no
 // blocks). Errors are returned in the record, not thrown.

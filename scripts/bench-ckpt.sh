@@ -14,7 +14,7 @@
 # the hyperslab reads). dd writes the same number of bytes with conv=fsync and reads them back;
 # both sides read from the page cache when it holds the file, as it usually does right after a
 # write (we do not drop caches on a shared machine). Builds `moeforge` in $MOEFORGE_BUILD_DIR or
-# build/ (configured already).
+# build/ (configured already), or runs the binary $MOEFORGE_BIN as it is (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +29,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 source scripts/lib/bench.sh
-bench_build bench-ckpt moeforge
-bin=$build_dir/launch/moeforge
+if [ -n "${MOEFORGE_BIN:-}" ]; then
+  bin=$MOEFORGE_BIN
+else
+  bench_build bench-ckpt moeforge
+  bin=$build_dir/launch/moeforge
+fi
 
 rm -rf "$dir" && mkdir -p "$dir"
 trap 'rm -rf "$dir"' EXIT

@@ -1,12 +1,16 @@
 // Multi-rank checkpoint tests (mpirun -np 4): a run saved under tp=2 x dp=2 with ZeRO-1 (and
 // with ep=2) resumes bitwise on the same layout, and resumes on other layouts — one rank alone,
-// dp=4 with ZeRO-1 (ep=4), tp=4, tp=2 x dp=2 without ZeRO (ep=1) — with losses and grad norms
-// within 1e-5 of the uninterrupted run; and a checkpoint written by one rank loads into tp=2 x
-// dp=2 with ZeRO-1.
+// dp=4 with ZeRO-1 (ep=4), tp=4, tp=2 x dp=2 without ZeRO (ep=1), pp=2 x dp=2 — with losses and
+// grad norms within 1e-5 of the uninterrupted run; a checkpoint written by one rank loads into
+// tp=2 x dp=2 with ZeRO-1; a model with tied embeddings saved under pp=2 x dp=2 (each stage
+// writes its layers, the last stage's embedding replica is not written) resumes on one rank and
+// under pp=2 bitwise; a checkpoint of another model is refused by a pipeline even though no
+// single stage holds all of the model.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 
 #include "checkpoint/files.h"
 #include "checkpoint/load.h"
@@ -21,9 +25,12 @@ namespace {
 namespace fs = std::filesystem;
 
 struct Layout {
-  int tp = 1, dp = 1, zero = 0, ep = 1;
+  int tp = 1, pp = 1, dp = 1, zero = 0, ep = 1;
   bool single = false;  // every rank alone (ProcessGrid::single())
-  std::string str() const { return single ? "1 rank" : fmt::format("tp {} x dp {} ep {} zero {}", tp, dp, ep, zero); }
+  bool tie = false;     // model.tie_embeddings
+  std::string str() const {
+    return single ? "1 rank" : fmt::format("tp {} x pp {} x dp {} ep {} zero {}", tp, pp, dp, ep, zero);
+  }
 };
 
 const char* kind_name(TensorKind k) { return k == PARAM ? "param" : k == EXP_AVG ? "exp_avg" : "exp_avg_sq"; }
@@ -46,12 +53,15 @@ class Reshard : public ::testing::Test {
   const ProcessGrid& world() const { return world_; }
   ProcessGrid grid(const Layout& l) const {
     if (l.single) return ProcessGrid::single();
-    return ProcessGrid::create(testing::mpi(), ParallelSizes{.tp = l.tp, .dp = l.dp, .ep = l.ep}, testing::kTestTimeoutS);
+    return ProcessGrid::create(testing::mpi(), ParallelSizes{.tp = l.tp, .pp = l.pp, .dp = l.dp, .ep = l.ep},
+                               testing::kTestTimeoutS);
   }
   config::RunConfig run(const Layout& l) const {
     return testing::tiny_run(dir_,
-                             {"parallel.tp=" + std::to_string(l.tp), "parallel.dp=" + std::to_string(l.dp),
-                              "parallel.zero_stage=" + std::to_string(l.zero), "parallel.ep=" + std::to_string(l.ep)},
+                             {"parallel.tp=" + std::to_string(l.tp), "parallel.pp=" + std::to_string(l.pp),
+                              "parallel.dp=" + std::to_string(l.dp), "parallel.zero_stage=" + std::to_string(l.zero),
+                              "parallel.ep=" + std::to_string(l.ep),
+                              std::string("model.tie_embeddings=") + (l.tie ? "true" : "false")},
                              l.single ? 1 : 4);
   }
   // Trains 5 steps under `from` and saves; returns the uninterrupted run's 10 step metrics.
@@ -74,7 +84,7 @@ class Reshard : public ::testing::Test {
   void resume(const Layout& to, const std::vector<StepMetrics>& want, bool bitwise) {
     const ProcessGrid g = grid(to);
     Trainer t(run(to), g);
-    const LoadedState s = load(resolve_checkpoint(ckpt()), t.model().registry(), &t.optimizer());
+    const LoadedState s = load(resolve_checkpoint(ckpt()), t.model().registry(), &t.optimizer(), &g.pp());
     t.restore_position(s.manifest.step());
     for (int i = 5; i < 10; ++i) {
       const StepMetrics m = t.step();
@@ -128,6 +138,66 @@ TEST_F(Reshard, Tp2Dp2Ep2Zero1ResumesUnderOtherEp) {
   resume({.single = true}, want, false);
   resume({.tp = 1, .dp = 4, .zero = 1, .ep = 4}, want, false);
   resume({.tp = 2, .dp = 2, .zero = 0, .ep = 1}, want, false);
+  resume({.pp = 2, .dp = 2}, want, false);
+}
+
+// Tied embeddings under pp = 2: the first stage holds embed.weight, the last stage a replica for
+// the LM head. Each stage writes its own layers; the replica is not written, and loading fills it
+// from the first stage's copy.
+TEST_F(Reshard, TiedPp2Dp2ResumesOnOneRank) {
+  const std::vector<StepMetrics> want = save_after_5({.pp = 2, .dp = 2, .tie = true});
+  if (world().world_rank() == 0) {
+    const Manifest m = read_manifest(ckpt() + "/step_00000005");
+    // Writers: dp rank 0 of each stage (world ranks 0 and 2); stage 0 holds layer 0 and the
+    // embedding, stage 1 layer 1 and the final norm; no lm_head (tied), one embed.weight piece.
+    ASSERT_EQ(m.files_size(), 2);
+    EXPECT_EQ(m.files(0).name(), "rank_00000.h5");
+    EXPECT_EQ(m.files(1).name(), "rank_00002.h5");
+    const std::map<std::string, std::string> file_of = {{"embed.weight", "rank_00000.h5"},
+                                                        {"layers.0.attn.wq", "rank_00000.h5"},
+                                                        {"layers.1.attn.wq", "rank_00002.h5"},
+                                                        {"final_norm.weight", "rank_00002.h5"}};
+    int found = 0;
+    for (const TensorEntry& t : m.tensors()) {
+      EXPECT_NE(t.name(), "lm_head.weight");
+      ASSERT_EQ(t.pieces_size(), 1) << t.name() << " " << kind_name(t.kind());
+      const auto it = file_of.find(t.name());
+      if (it == file_of.end()) continue;
+      EXPECT_EQ(t.pieces(0).file(), it->second) << t.name() << " " << kind_name(t.kind());
+      ++found;
+    }
+    EXPECT_EQ(found, 3 * 4) << "each of the four tensors with both moments";
+    // The manifest covers the whole model: every tensor of the single-rank model, both moments.
+    Trainer whole(run({.single = true, .tie = true}), ProcessGrid::single());
+    int want_tensors = 0;
+    for (const Param& p : whole.model().registry().params()) want_tensors += p.spec.trainable ? 3 : 1;
+    EXPECT_EQ(m.tensors_size(), want_tensors);
+    EXPECT_TRUE(verify(ckpt() + "/step_00000005").empty());
+  }
+  resume({.single = true, .tie = true}, want, false);
+  resume({.pp = 2, .dp = 2, .tie = true}, want, /*bitwise=*/true);
+}
+
+// A pipeline stage holds only some of the model, but a tensor that no stage holds still means a
+// checkpoint of another model: here a 3-layer checkpoint into a 2-layer pipeline.
+TEST_F(Reshard, PipelineRefusesAnotherModel) {
+  const Layout pp2{.pp = 2, .dp = 2};
+  if (world().world_rank() == 0) {
+    const config::RunConfig cfg = testing::tiny_run(dir_, {"model.n_layers=3"});
+    Trainer three(cfg, ProcessGrid::single());
+    Saver saver(ckpt(), 1, false, ProcessGrid::single());
+    const auto out = saver.save({.step = 0, .data_position = 0, .config = cfg}, three.model().registry(),
+                                three.optimizer());
+    EXPECT_TRUE(out && out->ok);
+  }
+  world().world().barrier();
+  const ProcessGrid g = grid(pp2);
+  Trainer t(run(pp2), g);
+  const std::string step = ckpt() + "/step_00000000";
+  EXPECT_EQ(testing::error_of([&] { load(step, t.model().registry(), &t.optimizer(), &g.pp()); }),
+            fmt::format("checkpoint {}: tensor layers.2.attn_norm.weight is not a parameter of this model (a checkpoint of "
+                        "another model?)",
+                        step));
 }
 
 TEST_F(Reshard, SingleRankCheckpointLoadsIntoTp2Dp2Zero1) {
