@@ -35,10 +35,14 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
     os.close();
     MOE_CHECK(os.good(), "{}: cannot write: {}", tmp, std::strerror(errno));
   }
+  commit_file(tmp, path);
+  fsync_path(fs::path(path).parent_path().string());
+}
+
+void commit_file(const std::string& tmp, const std::string& path) {
   fsync_path(tmp);
   MOE_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "{}: cannot rename to {}: {}", tmp, path,
             std::strerror(errno));
-  fsync_path(fs::path(path).parent_path().string());
 }
 
 FileDigest digest_file(const std::string& path) {

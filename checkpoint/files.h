@@ -15,6 +15,8 @@ inline constexpr int kFormatVersion = 1;
 
 // fsync of a file or a directory (so a rename or a new entry in it is durable).
 void fsync_path(const std::string& path);
+// Makes the finished temporary file `tmp` durable and renames it to `path` (same directory).
+void commit_file(const std::string& tmp, const std::string& path);
 // Writes `bytes` to `path` atomically: a temporary file next to it, fsynced, renamed over
 // `path`, then the directory fsynced. Readers see the old or the new content, never a mix.
 void write_file_atomic(const std::string& path, const std::string& bytes);

@@ -303,9 +303,7 @@ void GgufWriter::close() {
             tensors_.size());
   os_.close();
   MOE_CHECK(!os_.fail(), "{}: close failed", tmp_);
-  fsync_path(tmp_);
-  MOE_CHECK(std::rename(tmp_.c_str(), path_.c_str()) == 0, "{}: cannot rename to {}: {}", tmp_, path_,
-            std::strerror(errno));
+  commit_file(tmp_, path_);
   closed_ = true;
 }
 

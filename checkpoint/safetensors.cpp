@@ -128,9 +128,7 @@ void SafetensorsWriter::close() {
   MOE_CHECK(next_ == layout_.size(), "{}: closed after {} of {} tensors", path_, next_, layout_.size());
   os_.close();
   MOE_CHECK(!os_.fail(), "{}: close failed", tmp_);
-  fsync_path(tmp_);
-  MOE_CHECK(std::rename(tmp_.c_str(), path_.c_str()) == 0, "{}: cannot rename to {}: {}", tmp_, path_,
-            std::strerror(errno));
+  commit_file(tmp_, path_);
   closed_ = true;
 }
 
