@@ -133,7 +133,7 @@ Trainer::PipelineRun Trainer::run_pipeline(int64_t micro_batches, uint64_t first
   double compute = 0.0;
   for (const PipelineAction& a : pipeline_actions(schedule_kind_, P, model_->chunks(), m, s)) {
     const int g = model_->split().model_chunk(s, a.chunk);
-    fill(*train_sampler_, first_sample + static_cast<uint64_t>(a.micro_batch * t.micro_batch()));
+    if (a.forward) fill(*train_sampler_, first_sample + static_cast<uint64_t>(a.micro_batch * t.micro_batch()));
     Tensor in;
     if (a.forward ? g > 0 : g < G - 1) {  // the input comes from the neighbouring pipeline rank
       in = Tensor::empty({rows, C}, DType::kF32);

@@ -22,6 +22,14 @@ PipelineSplit resolve_split(const PipelineSplit& s, const ModelConfig& cfg, cons
 }
 
 int64_t bytes_of(const Tensor& t) { return t.defined() ? t.nbytes() : 0; }
+
+// A copy of the (B, T) i32 ids as (B*T): the caller's buffer is refilled for the next
+// micro-batch while this one's backward is still pending.
+Tensor flat_copy(const Tensor& ids) {
+  const Tensor out = Tensor::empty({ids.numel()}, DType::kI32);
+  std::copy_n(ids.data<int32_t>(), ids.numel(), out.data<int32_t>());
+  return out;
+}
 }  // namespace
 
 MoeTransformer::MoeTransformer(const ModelConfig& cfg, const ProcessGrid& grid, const PipelineSplit& split)
@@ -115,7 +123,7 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
   if (first_chunk(c)) {
     // Vocab-parallel embedding: each rank fills the rows of its vocabulary shard, the scatter sums
     // the shards and leaves each rank its token rows.
-    a.tokens = tokens.reshape({N});
+    a.tokens = flat_copy(tokens);
     const Tensor emb = Tensor::empty({N, C}, DType::kF32);
     ops::embedding_fwd(a.tokens, embed_->value, emb, vocab_start(), cfg_.vocab_size);
     h = scatter_rows(tp, emb);
@@ -179,7 +187,7 @@ Tensor MoeTransformer::forward_chunk(int c, int mb, const Tensor& tokens, const 
             "MoeTransformer: targets {} must match tokens {}", targets.str(), tokens.str());
   Comm& tp = grid_.tp();
   const int64_t N = a.batch * a.seq;
-  a.targets = targets.reshape({N});
+  a.targets = flat_copy(targets);
   a.f = final_norm(h, a);
 
   // Vocab-parallel cross-entropy: per-row statistics of each shard, combined on every rank.
