@@ -1,8 +1,8 @@
 // Expert-parallel token dispatch: the all-to-all dispatcher of models/token_dispatcher.h against
 // an all-gather dispatcher (Megatron's AllGather dispatcher, the simple alternative) measured in
 // the same run on the same routing (scripts/bench-ep.sh runs it on 4 ranks). A benchmark, not a
-// test: it checks that both produce the same combined output and prints times; nothing else is
-// asserted.
+// test: it checks that both produce the same combined output (exits with an error otherwise)
+// and prints times.
 //
 // One "step" here is what one MoE layer's token traffic costs in a training step: forward
 // dispatch + combine, and backward's transposed pair, with identity experts (y = x) so only the
@@ -132,6 +132,9 @@ int main(int argc, char** argv) {
       diff = std::max(diff, static_cast<double>(std::abs(a.data<float>()[i] - b.data<float>()[i])));
     const Tensor worst = Tensor::from_floats({1}, std::vector<float>{static_cast<float>(diff)});
     ep.all_reduce(worst, ReduceOp::kMax);
+    // A dispatcher that loses or misroutes a copy is not worth timing: stop with an error.
+    MOE_CHECK(worst.data<float>()[0] <= 1e-5f, "bench_ep: the dispatchers disagree by {} (max |difference|)",
+              worst.data<float>()[0]);
 
     // Alternate the two, forward + backward (the backward is the same movement transposed: one
     // more pass of each), and keep the slowest rank's time of each step.
