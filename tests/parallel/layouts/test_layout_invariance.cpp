@@ -27,10 +27,10 @@
 
 #include <fmt/format.h>
 
-#include "data/prepare.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
 #include "parallel/mpi_runtime.h"
+#include "tests/shared_corpus.h"
 #include "tests/testing.h"
 
 namespace moeforge {
@@ -74,13 +74,7 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
                        fmt::format("moeforge_layout_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}", g_layout.tp, g_layout.dp,
                                    g_layout.ep, g_layout.zero, g_layout.capacity, g_layout.route, g_layout.pp,
                                    g_layout.schedule, g_layout.vstages, g_layout.split, g_layout.dense, g_layout.tie);
-  const std::string corpus = testing::source_path("../shared/data/tinyshakespeare.txt");
-  if (!fs::exists(corpus)) GTEST_SKIP() << "no corpus at " << corpus;
-  if (grid.world_rank() == 0) {
-    fs::remove_all(dir);
-    data::prepare({.inputs = {corpus}, .output_dir = dir.string(), .val_fraction = 0.1});
-  }
-  grid.world().barrier();
+  if (!testing::prepare_shared_corpus(grid, dir)) GTEST_SKIP() << "no corpus at ../shared/data/tinyshakespeare.txt";
 
   // tiny, shortened: 8 sequences of 64 tokens per step in micro-batches of 2, so every layout
   // also accumulates gradients. n_kv_heads 4 lets tp = 4 split the kv heads.

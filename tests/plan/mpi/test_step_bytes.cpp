@@ -22,11 +22,11 @@
 
 #include <fmt/format.h>
 
-#include "data/prepare.h"
 #include "launch/config.h"
 #include "launch/plan.h"
 #include "launch/trainer.h"
 #include "parallel/mpi_runtime.h"
+#include "tests/shared_corpus.h"
 #include "tests/testing.h"
 
 namespace moeforge {
@@ -53,13 +53,7 @@ TEST(PlanStepBytes, EqualMeasured) {
   const fs::path dir = fs::temp_directory_path() /
                        fmt::format("moeforge_plan_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}", a.tp, a.dp, a.pp, a.ep, a.zero,
                                    a.schedule, a.vstages, a.tie, a.recompute, a.capacity);
-  const std::string corpus = testing::source_path("../shared/data/tinyshakespeare.txt");
-  if (!fs::exists(corpus)) GTEST_SKIP() << "no corpus at " << corpus;
-  if (grid.world_rank() == 0) {
-    fs::remove_all(dir);
-    data::prepare({.inputs = {corpus}, .output_dir = dir.string(), .val_fraction = 0.1});
-  }
-  grid.world().barrier();
+  if (!testing::prepare_shared_corpus(grid, dir)) GTEST_SKIP() << "no corpus at ../shared/data/tinyshakespeare.txt";
 
   std::vector<std::string> overrides = {
       "data.train=" + (dir / "train").string(), "data.val=" + (dir / "val").string(),
