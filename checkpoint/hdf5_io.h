@@ -2,7 +2,11 @@
 //
 // A dataset is an f32 (little-endian IEEE) array with chunked layout and the Fletcher-32 filter,
 // so every chunk carries its own checksum and a damaged chunk fails its read with an error that
-// names the file and the dataset. Each dataset carries attributes describing the block in model
+// names the file, the dataset and the chunk. The chunks are made and checked by our own code
+// (checkpoint/chunks.h) on worker threads — H5Dwrite_chunk writes them as the filter would have
+// stored them, and reads take each chunk's address from HDF5 and pread it — so checksums and
+// copies run in parallel while HDF5 itself is called from one thread; any file HDF5 can read
+// (another writer's layout or filters) still loads through H5Dread. Each dataset carries attributes describing the block in model
 // coordinates: `name` (canonical tensor name), `kind` ("param", "exp_avg", "exp_avg_sq"),
 // `global_shape` and `offset` (int64 arrays, same rank as the block).
 //
@@ -10,8 +14,8 @@
 // the dataset and HDF5's own description of the innermost error (e.g. "data corrupted" for a
 // Fletcher-32 mismatch). HDF5's automatic error printing is turned off.
 //
-// Threads: the serial HDF5 library is not thread-safe. moeforge uses HDF5 from one thread at a
-// time (a background save owns it until it finishes; load and inspect run while no save is in
+// Threads: the serial HDF5 library is not thread-safe. moeforge calls HDF5 from one thread at a
+// time (the chunk workers never call it) (a background save owns it until it finishes; load and inspect run while no save is in
 // flight — checkpoint/save.h enforces this by joining the writer first).
 #pragma once
 
@@ -87,8 +91,17 @@ class H5File {
  private:
   H5File(hid_t id, std::string path) : id_(id), path_(std::move(path)) {}
   std::string where(const std::string& dataset) const;
+  // read() of a dataset in this file's own layout: chunk addresses from HDF5, then the chunks
+  // read with pread, checksummed and scattered on worker threads. False (nothing read) for any
+  // other layout, which HDF5 then reads itself.
+  bool read_chunks(hid_t ds, const std::string& where, std::span<const int64_t> src_offset,
+                   std::span<const int64_t> count, float* dst, std::span<const int64_t> dst_shape,
+                   std::span<const int64_t> dst_offset) const;
+  // A plain read-only descriptor of the file for the chunk reads, opened on first use.
+  int raw_fd() const;
 
   hid_t id_ = H5I_INVALID_HID;
+  mutable int fd_ = -1;
   std::string path_;
 };
 

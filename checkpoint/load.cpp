@@ -47,13 +47,14 @@ std::optional<std::string> damaged_dataset(const H5File& file) {
   return std::nullopt;
 }
 
-// Shard files opened once each. A file's SHA-256 is computed on a thread of its own while the
-// hyperslabs are read (it reads the file without HDF5), and checked against the manifest by
-// check(): after a failed read of the file (so a damaged chunk is reported as a corrupt file,
-// naming the dataset) and for every file at the end of the load.
+// Shard files opened once each. With verify_sha256, a file's SHA-256 is computed on a thread of
+// its own while the hyperslabs are read (it reads the file without HDF5), and checked against
+// the manifest by check(): after a failed read of the file (so a damaged chunk is reported as a
+// corrupt file, naming the dataset) and for every file at the end of the load. Without it, a
+// damaged chunk fails its own read (Fletcher-32), naming file, dataset and chunk.
 class ShardFiles {
  public:
-  ShardFiles(std::string dir, const Manifest& m) : dir_(std::move(dir)) {
+  ShardFiles(std::string dir, const Manifest& m, bool verify_sha256) : dir_(std::move(dir)), verify_(verify_sha256) {
     for (const File& f : m.files()) entries_[f.name()] = &f;
   }
 
@@ -65,18 +66,23 @@ class ShardFiles {
               name);
     const std::string path = (fs::path(dir_) / name).string();
     MOE_CHECK(fs::exists(path), "checkpoint {}: shard file {} is missing", dir_, name);
-    std::shared_future<FileDigest> digest = std::async(std::launch::async, [path] { return digest_file(path); }).share();
+    std::shared_future<FileDigest> digest;
+    if (verify_) digest = std::async(std::launch::async, [path] { return digest_file(path); }).share();
     try {
       return files_.emplace(name, Open{H5File::open(path), digest}).first->second.file;
     } catch (const Error&) {
-      check_digest(name, digest.get());  // a damaged file is reported as such
+      if (verify_) check_digest(name, digest.get());  // a damaged file is reported as such
       throw;
     }
   }
 
-  // Throws when the file's digest disagrees with the manifest (waits for the digest).
-  void check(const std::string& name) { check_digest(name, files_.at(name).digest.get()); }
+  // Throws when the file's digest disagrees with the manifest (waits for the digest); nothing
+  // without verify_sha256.
+  void check(const std::string& name) {
+    if (verify_) check_digest(name, files_.at(name).digest.get());
+  }
   void check_all() {
+    if (!verify_) return;
     for (auto& [name, open] : files_) check_digest(name, open.digest.get());
   }
 
@@ -102,6 +108,7 @@ class ShardFiles {
   }
 
   std::string dir_;
+  bool verify_ = false;
   std::map<std::string, const File*> entries_;
   std::map<std::string, Open> files_;
 };
@@ -140,7 +147,7 @@ void read_box(const std::string& dir, const TensorEntry& t, const Box& want, con
 }  // namespace
 
 LoadedState load(const std::string& step_dir, ParamRegistry& registry, DistributedOptimizer* optimizer,
-                 Comm* pipeline) {
+                 Comm* pipeline, bool verify_sha256) {
   LoadedState out;
   out.path = step_dir;
   out.manifest = read_manifest(step_dir);
@@ -162,7 +169,7 @@ LoadedState load(const std::string& step_dir, ParamRegistry& registry, Distribut
               "checkpoint {}: tensor {} is not a parameter of this model (a checkpoint of another model?)", step_dir,
               t.name());
   }
-  ShardFiles files(step_dir, m);
+  ShardFiles files(step_dir, m, verify_sha256);
   for (Param& p : registry.params()) {
     const Box want = stored_block(p);
     Box local{want.offset, std::vector<int64_t>(p.value.shape().dims().begin(), p.value.shape().dims().end())};

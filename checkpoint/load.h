@@ -37,8 +37,11 @@ struct LoadedState {
 // Loads the step directory `step_dir` into the registry's local blocks and, with an optimizer,
 // its AdamW moments and step count. `pipeline`: the group whose registries together hold the
 // whole model (collective over it); nullptr when `registry` alone holds every parameter.
+// Every chunk read is checked against its Fletcher-32 checksum (and HDF5 checks its metadata);
+// with verify_sha256 each file opened is also hashed, on a thread of its own while the chunks
+// are read, and checked against the manifest's SHA-256.
 LoadedState load(const std::string& step_dir, ParamRegistry& registry, DistributedOptimizer* optimizer,
-                 Comm* pipeline = nullptr);
+                 Comm* pipeline = nullptr, bool verify_sha256 = false);
 
 // Checks every file of a checkpoint: size and SHA-256 against the manifest, every dataset read
 // in full (Fletcher-32) and its attributes against the tensor index. One line per problem;

@@ -64,7 +64,8 @@ void Checkpointing::resume(Trainer& trainer, const std::string& resume) {
     step_dir = checkpoint::resolve_checkpoint(resume);
   }
   const auto start = std::chrono::steady_clock::now();
-  const checkpoint::LoadedState s = checkpoint::load(step_dir, trainer.model().registry(), &trainer.optimizer(), &grid_.pp());
+  const checkpoint::LoadedState s = checkpoint::load(step_dir, trainer.model().registry(), &trainer.optimizer(), &grid_.pp(),
+                                                         run_.checkpoint().verify_sha256_on_load());
   const checkpoint::Manifest& m = s.manifest;
   const int64_t batch = run_.train().global_batch();
   MOE_CHECK(m.data_position() == static_cast<uint64_t>(m.step() * batch),

@@ -3,27 +3,31 @@
 # training-step stall of an async save. A benchmark, not a test: nothing is asserted; the goals
 # are save and load >= 80% of dd and an async stall under one step.
 #
-#   scripts/bench-ckpt.sh [--config configs/small.pbtxt] [--dir DIR]
+#   scripts/bench-ckpt.sh [--config configs/small.pbtxt] [--dir DIR] [--rounds N]
 #
 #   --config C  the model to checkpoint (default configs/small.pbtxt, ~107M parameters: a 1.3 GB
 #               checkpoint with both AdamW moments); batches are shrunk so steps are short
 #   --dir DIR   where checkpoints and the dd file go (default /tmp/moeforge-bench-ckpt; removed)
+#   --rounds N  save/load rounds, each next to its own dd runs (default 3); medians are reported
 #
 # Save MB/s = checkpoint bytes / the time from the snapshot to the commit (HDF5 write, fsync,
-# SHA-256, manifest, renames). Load MB/s = bytes / the resume time (SHA-256 of every file, then
-# the hyperslab reads). dd writes the same number of bytes with conv=fsync and reads them back;
-# both sides read from the page cache when it holds the file, as it usually does right after a
-# write (we do not drop caches on a shared machine). Builds `moeforge` in $MOEFORGE_BUILD_DIR or
+# SHA-256, manifest, renames). Load MB/s = bytes / the resume time (the hyperslab reads with their
+# checksums, the SHA-256 of every file). dd writes the same number of bytes with conv=fsync and
+# reads them back. Before each read, dd's and the resume's, the page cache is dropped when the
+# script may (root), so both read the disk as a job resumed on a fresh node does; otherwise both
+# read from the page cache and the report says so. Builds `moeforge` in $MOEFORGE_BUILD_DIR or
 # build/ (configured already), or runs the binary $MOEFORGE_BIN as it is (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 config=configs/small.pbtxt
 dir=/tmp/moeforge-bench-ckpt
+rounds=3
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) config=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-ckpt: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -51,19 +55,39 @@ run() {  # run <steps> <extra --set ...>
 }
 field() { sed -n "s/$1/\\1/p" | head -1; }
 
-# Synchronous save at step 2, then a resume of it.
-save_log=$(run 2 --set checkpoint.dir="$dir/ckpt" --set checkpoint.every=2)
-save_s=$(echo "$save_log" | field '.*checkpoint: saved step 2 .* (\([0-9.]*\) s).*')
-bytes=$(du -sb "$dir/ckpt/step_00000002" | cut -f1)
-load_log=$(run 2 --set checkpoint.dir="$dir/ckpt" --resume auto)
-load_s=$(echo "$load_log" | field '.*resumed from .* in \([0-9.]*\) s.*')
+# dd on the same disk, the same bytes: written with conv=fsync, read back after the page cache
+# is dropped (when we may: root), as a resumed job on a fresh node reads its checkpoint.
+cold=no
+drop_caches() { sync; if [ -w /proc/sys/vm/drop_caches ] && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then cold=yes; fi; }
+dd_seconds() { sed -n 's/.* copied, \([0-9.]*\) s, .*/\1/p' | tail -1; }
 
-# dd on the same disk, the same bytes.
-mb=$(( (bytes + 1048575) / 1048576 ))
-dd_w=$(dd if=/dev/zero of="$dir/dd.bin" bs=1M count="$mb" conv=fsync 2>&1 | tail -1)
-dd_r=$(dd if="$dir/dd.bin" of=/dev/null bs=1M 2>&1 | tail -1)
-rm -f "$dir/dd.bin"
-dd_rate() { echo "$1" | sed -n 's/.*, \([0-9.]* [MGk]B\/s\)$/\1/p'; }
+# Rounds of: dd write, a synchronous save at step 2, dd read, a resume of the save. The disk's
+# speed drifts (other tenants, the host's cache), so each save is compared with the dd run next
+# to it and the median of the rounds' ratios is reported.
+save_ratios=() load_ratios=() save_rates=() load_rates=() dd_w_rates=() dd_r_rates=()
+for round in $(seq "$rounds"); do
+  rm -rf "$dir/ckpt"
+  save_log=$(run 2 --set checkpoint.dir="$dir/ckpt" --set checkpoint.every=2)
+  save_s=$(echo "$save_log" | field '.*checkpoint: saved step 2 .* (\([0-9.]*\) s).*')
+  [ -n "$save_s" ] || { echo "bench-ckpt: the save run failed:" >&2; echo "$save_log" >&2; exit 1; }
+  bytes=$(du -sb "$dir/ckpt/step_00000002" | cut -f1)
+  mb=$(( (bytes + 1048575) / 1048576 ))
+  dd_w_s=$(dd if=/dev/zero of="$dir/dd.bin" bs=1M count="$mb" conv=fsync 2>&1 | dd_seconds)
+  drop_caches
+  dd_r_s=$(dd if="$dir/dd.bin" of=/dev/null bs=1M 2>&1 | dd_seconds)
+  rm -f "$dir/dd.bin"
+  drop_caches
+  load_log=$(run 2 --set checkpoint.dir="$dir/ckpt" --resume auto)
+  load_s=$(echo "$load_log" | field '.*resumed from .* in \([0-9.]*\) s.*')
+  [ -n "$load_s" ] || { echo "bench-ckpt: the resume run failed:" >&2; echo "$load_log" >&2; exit 1; }
+  dd_bytes=$((mb * 1048576))
+  read -r sr lr dwr drr srat lrat < <(awk -v b="$bytes" -v db="$dd_bytes" -v s="$save_s" -v l="$load_s" \
+      -v w="$dd_w_s" -v r="$dd_r_s" 'BEGIN { printf "%.1f %.1f %.1f %.1f %.3f %.3f\n", b/1e6/s, b/1e6/l, db/1e6/w, db/1e6/r, (b/s)/(db/w), (b/l)/(db/r) }')
+  printf "round %d: save %7.1f MB/s vs dd write %7.1f MB/s (%3.0f%%)   load %7.1f MB/s vs dd read %7.1f MB/s (%3.0f%%)\n" \
+    "$round" "$sr" "$dwr" "$(awk -v x="$srat" 'BEGIN{print x*100}')" "$lr" "$drr" "$(awk -v x="$lrat" 'BEGIN{print x*100}')"
+  save_ratios+=("$srat"); load_ratios+=("$lrat")
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 # Async saves every 2 steps: the stall is the snapshot (copy to host buffers) on the training
 # thread; compare it with the mean step time.
@@ -77,10 +101,10 @@ print(f"{sum(64 / t for t in tok) / len(tok):.3f}")
 PY
 )
 
-awk -v b="$bytes" -v s="$save_s" -v l="$load_s" -v dw="$(dd_rate "$dd_w")" -v dr="$(dd_rate "$dd_r")" \
-    -v stall="$stall" -v step="$step_s" 'BEGIN {
-  printf "checkpoint %.1f MB (%s)\n", b / 1e6, "'"$config"'"
-  printf "save  %7.1f MB/s  (%.2f s)   dd write (conv=fsync) %s\n", b / 1e6 / s, s, dw
-  printf "load  %7.1f MB/s  (%.2f s)   dd read %s\n", b / 1e6 / l, l, dr
+awk -v b="$bytes" -v sm="$(median "${save_ratios[@]}")" -v lm="$(median "${load_ratios[@]}")" -v cold="$cold" \
+    -v n="$rounds" -v stall="$stall" -v step="$step_s" 'BEGIN {
+  printf "checkpoint %.1f MB (%s), %d rounds, reads %s\n", b / 1e6, "'"$config"'", n, cold == "yes" ? "after dropping the page cache" : "from the page cache (not root: caches kept)"
+  printf "save: median %.0f%% of dd write (conv=fsync)\n", sm * 100
+  printf "load: median %.0f%% of dd read\n", lm * 100
   printf "async save: %.3f s stall per save (snapshot), mean step %.3f s\n", stall, step
 }'

@@ -15,6 +15,7 @@
 #include "checkpoint/load.h"
 #include "checkpoint/save.h"
 #include "launch/trainer.h"
+#include "runtime/ops.h"
 #include "tests/checkpoint/checkpoint_testing.h"
 #include "tests/data/temp_dir.h"
 
@@ -186,7 +187,13 @@ TEST_F(SaveLoad, FaultsGiveClearErrors) {
     bytes[at + 7] = static_cast<char>(bytes[at + 7] ^ 0x01);
     testing::write_file(shard, bytes);
     Trainer u(cfg, ProcessGrid::single());
-    const std::string msg = testing::error_of([&] { load(step, u.model().registry(), &u.optimizer()); });
+    // The chunk's Fletcher-32 fails its read.
+    std::string msg = testing::error_of([&] { load(step, u.model().registry(), &u.optimizer()); });
+    EXPECT_NE(msg.find(shard + ": dataset param/embed.weight: the chunk at (0, 0) fails its Fletcher-32 checksum"),
+              std::string::npos)
+        << msg;
+    // With the SHA-256 check on, the file is reported as corrupt, naming the damaged dataset.
+    msg = testing::error_of([&] { load(step, u.model().registry(), &u.optimizer(), nullptr, /*verify_sha256=*/true); });
     EXPECT_NE(msg.find("shard file rank_00000.h5 is corrupt"), std::string::npos) << msg;
     EXPECT_NE(msg.find("dataset param/embed.weight"), std::string::npos) << msg;
     EXPECT_NE(msg.find("checksum"), std::string::npos) << msg;
@@ -201,6 +208,65 @@ TEST_F(SaveLoad, FaultsGiveClearErrors) {
     EXPECT_EQ(testing::error_of([&] { load(step, u.model().registry(), &u.optimizer()); }),
               "checkpoint " + step + ": shard file rank_00000.h5 is missing");
   }
+}
+
+
+// Every byte a load reads is covered by a checksum (Fletcher-32 on the chunks, HDF5's own on the
+// superblock, object headers and chunk indexes): a flipped byte anywhere in a shard either fails
+// the load with an error naming the file, or lies in bytes the load never uses, and then the
+// loaded parameters and moments are bitwise the saved ones. Checked for every byte of the first
+// 4 KiB (superblock, root group, the first object headers) and 400 bytes spread over the file.
+TEST_F(SaveLoad, EveryFlippedByteFailsTheLoadOrIsUnused) {
+  const config::RunConfig cfg = run();
+  Trainer t(cfg, ProcessGrid::single());
+  t.step();
+  Saver saver(ckpt(), 3, false, ProcessGrid::single());
+  const std::string step = save_now(saver, t, cfg).path;
+  const std::string shard = step + "/rank_00000.h5";
+  const std::string original = testing::read_file(shard);
+
+  Trainer u(cfg, ProcessGrid::single());
+  const auto state = [&] {
+    std::vector<float> all;
+    for (const Param& p : u.model().registry().params()) {
+      for (const float x : p.value.to_floats()) all.push_back(x);
+      if (!p.spec.trainable) continue;
+      for (const float x : u.optimizer().adamw().exp_avg(p.spec.name).to_floats()) all.push_back(x);
+      for (const float x : u.optimizer().adamw().exp_avg_sq(p.spec.name).to_floats()) all.push_back(x);
+    }
+    return all;
+  };
+  load(step, u.model().registry(), &u.optimizer());
+  const std::vector<float> want = state();
+
+  std::vector<size_t> positions;
+  for (size_t i = 0; i < std::min<size_t>(4096, original.size()); ++i) positions.push_back(i);
+  for (size_t k = 0; k < 400; ++k) positions.push_back(4096 + k * (original.size() - 4096) / 400);
+  int failed = 0, unused = 0;
+  for (const size_t at : positions) {
+    std::string bytes = original;
+    bytes[at] = static_cast<char>(bytes[at] ^ 0x20);
+    testing::write_file(shard, bytes);
+    // Poison the state so that a load that silently skipped something would show.
+    for (const Param& p : u.model().registry().params()) ops::fill(p.value, -99.0f);
+    std::string msg;
+    try {
+      load(step, u.model().registry(), &u.optimizer());
+    } catch (const Error& e) {
+      msg = e.what();
+    }
+    if (!msg.empty()) {
+      ++failed;
+      EXPECT_NE(msg.find("rank_00000.h5"), std::string::npos) << "byte " << at << ": " << msg;
+    } else {
+      ++unused;
+      ASSERT_TRUE(state() == want) << "byte " << at << " flipped: the load succeeded with different values";
+    }
+  }
+  testing::write_file(shard, original);
+  EXPECT_GT(failed, 0);
+  RecordProperty("failed_loads", failed);
+  RecordProperty("unused_bytes", unused);
 }
 
 }  // namespace
