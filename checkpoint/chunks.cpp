@@ -12,16 +12,17 @@
 
 namespace moeforge::checkpoint {
 
-uint32_t fletcher32(std::span<const uint8_t> bytes) {
-  // HDF5 adds word after word: s1 += w; s2 += s1, and folds both sums to 17 bits every 360
-  // words. Over a block of n words that is s1 += Σ w_j and s2 += n * s1 + Σ (n - j) w_j; all
-  // arithmetic is uint32 and wraps exactly as the word-by-word loop would, so the result is
-  // bit-identical while the block sums vectorise.
+void Fletcher32::update(std::span<const uint8_t> bytes) {
+  MOE_CHECK(!odd_, "Fletcher32::update: only the last piece may have an odd length");
   const uint8_t* d = bytes.data();
   size_t words = bytes.size() / 2;
-  uint32_t s1 = 0, s2 = 0;
+  // HDF5 adds word after word: s1 += w; s2 += s1, and folds both sums to 17 bits every 360
+  // words. Over a run of n words that is s1 += Σ w_j and s2 += n * s1 + Σ (n - j) w_j; all
+  // arithmetic is uint32 and wraps exactly as the word-by-word loop would, so the result is
+  // bit-identical while the sums over a run vectorise.
   while (words > 0) {
-    const uint32_t n = static_cast<uint32_t>(std::min<size_t>(words, 360));
+    // The rest of the current 360-word block.
+    const uint32_t n = static_cast<uint32_t>(std::min<size_t>(words, 360 - in_block_));
     words -= n;
     uint32_t a = 0, b = 0;
     for (uint32_t j = 0; j < n; ++j) {
@@ -30,13 +31,29 @@ uint32_t fletcher32(std::span<const uint8_t> bytes) {
       b += (n - j) * w;
     }
     d += 2 * static_cast<size_t>(n);
-    s2 += n * s1 + b;
-    s1 += a;
+    s2_ += n * s1_ + b;
+    s1_ += a;
+    in_block_ += n;
+    if (in_block_ == 360) {
+      s1_ = (s1_ & 0xffff) + (s1_ >> 16);
+      s2_ = (s2_ & 0xffff) + (s2_ >> 16);
+      in_block_ = 0;
+    }
+  }
+  if (bytes.size() % 2 != 0) {
+    odd_ = true;
+    odd_byte_ = *d;
+  }
+}
+
+uint32_t Fletcher32::value() const {
+  uint32_t s1 = s1_, s2 = s2_;
+  if (in_block_ > 0) {  // HDF5 reduces after the last, partial block too
     s1 = (s1 & 0xffff) + (s1 >> 16);
     s2 = (s2 & 0xffff) + (s2 >> 16);
   }
-  if (bytes.size() % 2 != 0) {
-    s1 += static_cast<uint32_t>(*d) << 8;
+  if (odd_) {
+    s1 += static_cast<uint32_t>(odd_byte_) << 8;
     s2 += s1;
     s1 = (s1 & 0xffff) + (s1 >> 16);
     s2 = (s2 & 0xffff) + (s2 >> 16);
@@ -44,6 +61,22 @@ uint32_t fletcher32(std::span<const uint8_t> bytes) {
   s1 = (s1 & 0xffff) + (s1 >> 16);
   s2 = (s2 & 0xffff) + (s2 >> 16);
   return (s2 << 16) | s1;
+}
+
+uint32_t fletcher32(std::span<const uint8_t> bytes) {
+  Fletcher32 f;
+  f.update(bytes);
+  return f.value();
+}
+
+bool contiguous_box(std::span<const int64_t> shape, std::span<const int64_t> count) {
+  const size_t r = count.size();
+  size_t d = 0;
+  while (d < r && count[d] == 1) ++d;
+  if (d < r) ++d;  // the one dim of any count
+  for (; d < r; ++d)
+    if (count[d] != shape[d]) return false;
+  return true;
 }
 
 ChunkGrid::ChunkGrid(std::vector<int64_t> shape, std::vector<int64_t> chunk)

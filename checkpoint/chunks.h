@@ -20,6 +20,24 @@ namespace moeforge::checkpoint {
 // 360 words, an odd trailing byte as the high byte of a last word).
 uint32_t fletcher32(std::span<const uint8_t> bytes);
 
+// The same checksum over bytes that arrive in pieces (a chunk read partly into its destination,
+// partly into a scratch buffer). Every piece but the last must have an even length.
+class Fletcher32 {
+ public:
+  void update(std::span<const uint8_t> bytes);
+  uint32_t value() const;
+
+ private:
+  uint32_t s1_ = 0, s2_ = 0;
+  uint32_t in_block_ = 0;  // words summed since the last 360-word reduction
+  bool odd_ = false;       // a piece of odd length was given (it must have been the last)
+  uint8_t odd_byte_ = 0;
+};
+
+// Whether the box of `count` at any offset of a row-major array of `shape` is one contiguous
+// run of elements: leading dims of count 1, then one dim of any count, then whole dims.
+bool contiguous_box(std::span<const int64_t> shape, std::span<const int64_t> count);
+
 // The chunks of a dataset of `shape` chunked by `chunk` (same rank; edge chunks extend past the
 // dataset, as HDF5 stores them: full size, the part outside the dataset zero-filled).
 class ChunkGrid {

@@ -1,6 +1,7 @@
 // Tests checkpoint/chunks.cpp and the chunk paths of checkpoint/hdf5_io.cpp built on it:
 //  - fletcher32 equals HDF5's own H5_checksum_fletcher32 (the library's exported symbol) on
-//    random and worst-case (all 0xff) data of every length class, odd lengths included;
+//    random and worst-case (all 0xff) data of every length class, odd lengths included, and so
+//    does Fletcher32 fed in random pieces;
 //  - the chunks H5File::write stores are what HDF5's Fletcher-32 filter accepts: HDF5's own
 //    H5Dread (the filter pipeline, which verifies every checksum) reads them back exactly,
 //    partial edge chunks along leading and inner dims included;
@@ -43,6 +44,39 @@ TEST(Chunks, Fletcher32MatchesHdf5) {
     std::fill(bytes.begin(), bytes.end(), 0xff);  // the largest sums: wrap-around must match too
     EXPECT_EQ(fletcher32(bytes), H5_checksum_fletcher32(bytes.data(), len)) << "0xff, " << len << " bytes";
   }
+}
+
+TEST(Chunks, Fletcher32InPiecesEqualsOneShot) {
+  std::mt19937 rng(9);
+  for (int trial = 0; trial < 200; ++trial) {
+    const size_t len = rng() % 5000;
+    std::vector<uint8_t> bytes(len);
+    for (uint8_t& b : bytes) b = static_cast<uint8_t>(rng());
+    Fletcher32 f;
+    size_t at = 0;
+    while (at < len) {
+      size_t piece = std::min<size_t>(len - at, 2 * (rng() % 900));  // even pieces ...
+      if (piece == 0) piece = len - at < 2 ? len - at : 2;
+      if (at + piece + 1 == len) ++piece;  // ... and an odd last one
+      f.update({bytes.data() + at, piece});
+      at += piece;
+    }
+    ASSERT_EQ(f.value(), H5_checksum_fletcher32(bytes.data(), len)) << len << " bytes, trial " << trial;
+  }
+  Fletcher32 f;
+  const uint8_t three[3] = {1, 2, 3};
+  f.update(three);
+  EXPECT_EQ(testing::error_of([&] { f.update(three); }), "Fletcher32::update: only the last piece may have an odd length");
+}
+
+TEST(Chunks, ContiguousBox) {
+  const std::vector<int64_t> shape{4, 5, 6};
+  EXPECT_TRUE(contiguous_box(shape, std::vector<int64_t>{2, 5, 6}));
+  EXPECT_TRUE(contiguous_box(shape, std::vector<int64_t>{1, 3, 6}));
+  EXPECT_TRUE(contiguous_box(shape, std::vector<int64_t>{1, 1, 4}));
+  EXPECT_FALSE(contiguous_box(shape, std::vector<int64_t>{2, 3, 6}));
+  EXPECT_FALSE(contiguous_box(shape, std::vector<int64_t>{1, 2, 5}));
+  EXPECT_FALSE(contiguous_box(shape, std::vector<int64_t>{4, 5, 5}));
 }
 
 TEST(Chunks, GridTouchingAndCopyBoxMatchNaiveLoops) {
@@ -187,6 +221,19 @@ TEST(Chunks, SubBoxReadsOfOurAndOfPlainHdf5FilesAndFallback) {
     H5Pclose(dcpl);
     H5Sclose(space);
     H5Fclose(f);
+  }
+  // Whole rows into a taller destination: each chunk (the partial last one too) is read straight
+  // into place.
+  for (const std::string file : {"ours.h5", "plain.h5"}) {
+    const H5File f = H5File::open(dir / file);
+    std::vector<float> out(1600 * 1000, -1.0f);
+    const std::vector<int64_t> zero{0, 0}, tall{1600, 1000}, at{50, 0};
+    f.read("param/m", zero, shape, out.data(), tall, at);
+    for (int64_t i = 0; i < 1600; ++i)
+      for (int64_t j = 0; j < 1000; j += 37) {
+        const float want = i >= 50 && i < 1550 ? a[static_cast<size_t>((i - 50) * 1000 + j)] : -1.0f;
+        ASSERT_EQ(out[static_cast<size_t>(i * 1000 + j)], want) << file << " " << i << " " << j;
+      }
   }
   const std::vector<int64_t> off{1000, 123}, cnt{300, 700};  // crosses the chunk boundary at row 1048
   const std::vector<int64_t> dshape{310, 710}, at{4, 9};
