@@ -11,6 +11,8 @@
 #include <cstdint>
 
 #include "runtime/cuda/attention_plan.h"
+#include "runtime/cuda/attention_plan_sm90.h"
+#include "runtime/cuda/routing_plan.h"
 #include "runtime/dtype.h"
 
 namespace moeforge::cuda::launch {
@@ -80,6 +82,12 @@ cudaError_t attention_bwd(const AttentionDims& d, const float* q, const float* k
 cudaError_t flash_attention_fwd(const flash::FlashArgs& args, const flash::Plan& plan, cudaStream_t s);
 // Also writes args.delta (the dO·O pre-pass).
 cudaError_t flash_attention_bwd(const flash::FlashArgs& args, const flash::Plan& plan, cudaStream_t s);
+// ---- flash_attention_sm90.cu (the Hopper forward on wgmma + TMA, sm_90a; built only when 90 is
+// among the CUDA architectures, which defines MOEFORGE_WITH_SM90_ATTENTION) ----
+cudaError_t flash_attention_fwd_sm90(const flash::FlashArgs& args, const flash::sm90::Sm90Plan& plan, cudaStream_t s);
+// flash_attention_sm90_bwd.cu. Also writes args.delta (the dO·O pre-pass).
+cudaError_t flash_attention_bwd_sm90(const flash::FlashArgs& args, const flash::sm90::Sm90BwdPlan& plan,
+                                     cudaStream_t s);
 
 // ---- grouped_gemm.cu ----
 cudaError_t grouped_gemm_fwd(const float* x, const float* w, const int64_t* offsets, float* out, int64_t m,
@@ -88,32 +96,54 @@ cudaError_t grouped_gemm_bwd(const float* x, const float* w, const int64_t* offs
                              float* dw, int64_t m, int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s);
 
 // ---- fused_router.cu ----
+// The aux loss's and z-loss's statistics the gating kernel can produce on the way (internal; see
+// cuda::router_fwd_with_stats in kernels.h). Partial tables as routing::plan_gating(n, e, true)
+// sizes them: mass_partial (partial_rows, E) f64, count_partial (partial_rows, E) int32; the
+// launcher's second kernel reduces them, in block order, into prob_mass (E) f32 and selected (E)
+// i64. lse (n) f32: logsumexp of each logits row.
+struct RouterStatsBuffers {
+  double* mass_partial;
+  int32_t* count_partial;
+  float* prob_mass;
+  int64_t* selected;
+  float* lse;
+};
+// stats: nullptr for plain router_fwd.
 cudaError_t fused_router_fwd(const float* logits, int64_t n, int64_t e, bool sigmoid, int k, const float* bias,
-                             float* weights, int32_t* experts, float* probs, cudaStream_t s);
+                             float* weights, int32_t* experts, float* probs, const RouterStatsBuffers* stats,
+                             cudaStream_t s);
+// router_bwd with the loss terms folded in: the probs gradient is dprobs (n, e) (or none) plus
+// dprobs_row (e) added to every row (or none: the aux loss's gradient is the same for every row);
+// with lse (n) given, z_scale * 2 lse / num_tokens * softmax(logits) is added (router_z_loss_bwd).
 cudaError_t fused_router_bwd(const float* logits, int64_t n, int64_t e, bool sigmoid, int k, const int32_t* experts,
-                             const float* dweights, const float* dprobs, float* dlogits, cudaStream_t s);
+                             const float* dweights, const float* dprobs, const float* dprobs_row, const float* lse,
+                             float z_scale, int64_t num_tokens, float* dlogits, cudaStream_t s);
 
 // ---- router.cu (losses) ----
-// scratch: e doubles.
+// scratch: routing::plan_column_sums(n, e).row_blocks * e + e doubles.
 cudaError_t moe_aux_loss_fwd(const float* probs, const int64_t* counts, int64_t n, int64_t e, int k,
                              int64_t num_tokens, float* loss, double* scratch, cudaStream_t s);
+// The same loss from the probability mass (e) router_fwd_with_stats reduced over the n rows.
+cudaError_t moe_aux_loss_fwd_from_mass(const float* prob_mass, const int64_t* counts, int64_t n, int64_t e, int k,
+                                       int64_t num_tokens, float* loss, cudaStream_t s);
 cudaError_t moe_aux_loss_bwd(const int64_t* counts, int64_t n, int64_t e, int k, int64_t num_tokens, float scale,
                              float* dprobs, cudaStream_t s);
-// scratch: n floats.
+// scratch: n floats (the rows' lse).
 cudaError_t router_z_loss_fwd(const float* logits, int64_t n, int64_t e, int64_t num_tokens, float* loss,
                               float* scratch, cudaStream_t s);
+// The same loss from the rows' saved lse (n).
+cudaError_t router_z_loss_fwd_from_lse(const float* lse, int64_t n, int64_t num_tokens, float* loss, cudaStream_t s);
 cudaError_t router_z_loss_bwd(const float* logits, int64_t n, int64_t e, int64_t num_tokens, float scale,
                               float* dlogits, cudaStream_t s);
 
 // ---- moe_dispatch.cu ----
-// Stable ranks of expert ids run in chunks; scratch holds rank_chunks(count) * e int64.
-int64_t rank_chunks(int64_t count);
-constexpr int64_t kMaxRankExperts = 4096;  // 8-byte shared-memory cursors per chunk
+// Stable ranks of expert ids by counting sort (e <= routing::kMaxRankExperts); scratch holds
+// routing::plan_ranks(count, e).scratch_i32 int32.
 cudaError_t moe_plan(const int32_t* experts, int64_t m, int64_t e, int32_t* positions, int64_t* offsets,
-                     int64_t* scratch, cudaStream_t s);
+                     int32_t* scratch, cudaStream_t s);
 // experts, dispatch (n, k); base (k, e). scratch as for moe_plan with count n.
 cudaError_t moe_apply_capacity(const int32_t* experts, int64_t n, int64_t k, int64_t e, int64_t capacity,
-                               const int64_t* base, int32_t* dispatch, int64_t* scratch, cudaStream_t s);
+                               const int64_t* base, int32_t* dispatch, int32_t* scratch, cudaStream_t s);
 // x (n, c), positions (n, k), out (m, c).
 cudaError_t moe_permute_fwd(const float* x, const int32_t* positions, float* out, int64_t n, int64_t k, int64_t c,
                             int64_t m, cudaStream_t s);

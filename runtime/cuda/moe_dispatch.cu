@@ -1,26 +1,33 @@
 // CUDA dispatch plan, capacity dropping, and the permute / unpermute row gathers (contracts in
-// runtime/ops.h).
+// runtime/ops.h; launch sizes planned in runtime/cuda/routing_plan.h).
 //
 // Both the plan and the capacity rule need stable ranks: for each element of a sequence of expert
-// ids, how many earlier elements have the same expert. They are computed without float or order-
-// dependent atomics, in three steps over chunks of kChunk elements:
-//   1. per chunk, a histogram of its experts (shared-memory integer counters: order-free);
-//   2. per expert, an exclusive scan of the chunk histograms, in chunk order, starting from a
-//      per-expert base (the plan's offsets, or the capacity rule's base counts);
-//   3. per chunk, one thread walks the chunk in order and hands out base + running count.
+// ids, how many earlier elements have the same expert. A counting sort without float or order-
+// dependent atomics (the steps and their invariants are in routing_plan.h):
+//   1. tile_histogram_kernel: per tile, integer shared-memory counters (order-free);
+//   2. tile_scan_kernel: per expert, the exclusive prefix of its tile counts in tile order, and
+//      its total;
+//   3. offsets_kernel (plan only): offsets = exclusive scan of the totals;
+//   4. tile_scatter_kernel: one warp per tile walks it 32 ids at a time in order; the lanes
+//      holding the same expert find each other with __match_any_sync and take consecutive ranks
+//      in lane order, so rank = base[e] + tile prefix + ids of e earlier in the tile.
 // So every rank is exactly the serial counting sort's. An expert id outside [0, E) (other than
 // the plan's -1 for a dropped copy) is treated as dropped: position or dispatch -1.
 //
-// The gathers run one block per token row (or per copy for unpermute_bwd), threads over C.
-// Positions outside [0, M) are skipped (see runtime/cuda/kernels.h).
+// The gathers run one block per token row (or per copy for unpermute_bwd), threads over C, in
+// float4 when the rows are 16-byte aligned (routing_plan.h's row_vector_width). Positions
+// outside [0, M) are skipped (see runtime/cuda/kernels.h). Every output element is produced by
+// one thread with the CPU's summation order over the copies k.
+#include <initializer_list>
+
 #include "runtime/cuda/common.cuh"
 #include "runtime/cuda/launchers.h"
+#include "runtime/cuda/routing_plan.h"
 
 namespace moeforge::cuda::launch {
 namespace {
 
-constexpr int64_t kChunk = 1024;
-constexpr int kThreads = 256;
+using routing::RankPlan;
 
 // The id of element i of a strided sequence, or -1 when it takes no rank.
 __device__ __forceinline__ int32_t id_at(const int32_t* ids, int64_t i, int64_t stride, int64_t e) {
@@ -28,11 +35,13 @@ __device__ __forceinline__ int32_t id_at(const int32_t* ids, int64_t i, int64_t 
   return x >= 0 && x < e ? x : -1;
 }
 
-__global__ void chunk_histogram_kernel(const int32_t* ids, int64_t count, int64_t stride, int64_t e, int64_t* hist) {
+// hist (tiles, E): hist[t, x] = ids of expert x in tile t.
+__global__ void tile_histogram_kernel(const int32_t* ids, int64_t count, int64_t stride, int64_t e, int64_t tile,
+                                      int32_t* hist) {
   extern __shared__ int32_t counts[];
   for (int64_t j = threadIdx.x; j < e; j += blockDim.x) counts[j] = 0;
   __syncthreads();
-  const int64_t begin = blockIdx.x * kChunk, end = min(count, begin + kChunk);
+  const int64_t begin = blockIdx.x * tile, end = min(count, begin + tile);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     const int32_t x = id_at(ids, i, stride, e);
     if (x >= 0) atomicAdd(&counts[x], 1);
@@ -41,141 +50,264 @@ __global__ void chunk_histogram_kernel(const int32_t* ids, int64_t count, int64_
   for (int64_t j = threadIdx.x; j < e; j += blockDim.x) hist[blockIdx.x * e + j] = counts[j];
 }
 
-// hist (chunks, E) becomes, per expert, the base + exclusive prefix over the chunks. With
-// offsets (E+1) given (the plan), the base is the expert's first row, computed here first from
-// the totals; otherwise base (E) is read.
-__global__ void chunk_scan_kernel(int64_t* hist, int64_t chunks, int64_t e, const int64_t* base, int64_t* offsets) {
-  if (offsets) {
-    for (int64_t j = threadIdx.x; j < e; j += blockDim.x) {
-      int64_t total = 0;
-      for (int64_t c = 0; c < chunks; ++c) total += hist[c * e + j];
-      offsets[j + 1] = total;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      offsets[0] = 0;
-      for (int64_t j = 0; j < e; ++j) offsets[j + 1] += offsets[j];
-    }
-    __syncthreads();
+// Inclusive scan over the block (blockDim.x a multiple of 32); *total receives the block's sum.
+// scratch holds 32 values; the call ends with a barrier.
+template <class T>
+__device__ T block_inclusive_scan(T v, T* scratch, T* total) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  for (int o = 1; o < kWarp; o *= 2) {
+    const T u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += u;
   }
-  for (int64_t j = threadIdx.x; j < e; j += blockDim.x) {
-    int64_t running = offsets ? offsets[j] : base[j];
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t h = hist[c * e + j];
-      hist[c * e + j] = running;
-      running += h;
-    }
-  }
-}
-
-// Thread 0 of each chunk hands out ranks in order. Plan: out = rank (the row). Capacity: out =
-// the expert id when rank < capacity, else -1.
-__global__ void chunk_assign_kernel(const int32_t* ids, int64_t count, int64_t stride, int64_t e,
-                                    const int64_t* prefix, int64_t capacity, int32_t* out) {
-  extern __shared__ int64_t cursor[];
-  for (int64_t j = threadIdx.x; j < e; j += blockDim.x) cursor[j] = prefix[blockIdx.x * e + j];
+  if (lane == kWarp - 1) scratch[warp] = v;
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  const int64_t begin = blockIdx.x * kChunk, end = min(count, begin + kChunk);
-  for (int64_t i = begin; i < end; ++i) {
-    const int32_t x = id_at(ids, i, stride, e);
-    if (x < 0) {
-      out[i * stride] = -1;
-      continue;
+  if (warp == 0) {
+    T w = lane < warps ? scratch[lane] : T(0);
+    for (int o = 1; o < kWarp; o *= 2) {
+      const T u = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += u;
     }
-    const int64_t rank = cursor[x]++;
-    out[i * stride] = capacity < 0 ? static_cast<int32_t>(rank) : (rank < capacity ? x : -1);
+    scratch[lane] = w;  // inclusive prefix of the warp sums
+  }
+  __syncthreads();
+  if (warp > 0) v += scratch[warp - 1];
+  *total = scratch[warps - 1];
+  __syncthreads();
+  return v;
+}
+
+// Block j: column j of hist (tiles, E) becomes its exclusive prefix over the tiles, in
+// partitions of blockDim.x tiles; totals[j] = the column's sum.
+__global__ void tile_scan_kernel(int32_t* hist, int64_t tiles, int64_t e, int32_t* totals) {
+  __shared__ int32_t scratch[32];
+  const int64_t j = blockIdx.x;
+  int32_t carry = 0;
+  for (int64_t t0 = 0; t0 < tiles; t0 += blockDim.x) {
+    const int64_t t = t0 + threadIdx.x;
+    const int32_t v = t < tiles ? hist[t * e + j] : 0;
+    int32_t sum = 0;
+    const int32_t incl = block_inclusive_scan(v, scratch, &sum);
+    if (t < tiles) hist[t * e + j] = carry + incl - v;
+    carry += sum;
+  }
+  if (threadIdx.x == 0) totals[j] = carry;
+}
+
+// One block: offsets (E+1) = 0 followed by the inclusive scan of totals (E).
+__global__ void offsets_kernel(const int32_t* totals, int64_t e, int64_t* offsets) {
+  __shared__ int64_t scratch[32];
+  int64_t carry = 0;
+  if (threadIdx.x == 0) offsets[0] = 0;
+  for (int64_t j0 = 0; j0 < e; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    const int64_t v = j < e ? totals[j] : 0;
+    int64_t sum = 0;
+    const int64_t incl = block_inclusive_scan(v, scratch, &sum);
+    if (j < e) offsets[j + 1] = carry + incl;
+    carry += sum;
   }
 }
 
-cudaError_t stable_ranks(const int32_t* ids, int64_t count, int64_t stride, int64_t e, const int64_t* base,
-                         int64_t* offsets, int64_t capacity, int32_t* out, int64_t* hist, cudaStream_t s) {
-  const int64_t chunks = rank_chunks(count);
-  if (chunks > 0) {
-    chunk_histogram_kernel<<<static_cast<unsigned>(chunks), kThreads, e * sizeof(int32_t), s>>>(ids, count, stride, e,
-                                                                                                hist);
+// Warp w of block b walks tile t = b * warps + w in order. cursor (per warp, E int32) starts at
+// the tile's prefix and counts the ids of each expert handed out so far. Plan (capacity < 0):
+// out = base[x] + rank, the row. Capacity: out = x when base[x] + rank < capacity, else -1.
+__global__ void tile_scatter_kernel(const int32_t* ids, int64_t count, int64_t stride, int64_t e, int64_t tile,
+                                    int64_t tiles, const int32_t* prefix, const int64_t* base, int64_t capacity,
+                                    int32_t* out) {
+  extern __shared__ int32_t cursors[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  const int64_t t = blockIdx.x * int64_t{warps} + warp;
+  if (t >= tiles) return;  // whole warps leave; no block barrier follows
+  int32_t* cursor = cursors + warp * e;
+  for (int64_t j = lane; j < e; j += kWarp) cursor[j] = prefix[t * e + j];
+  __syncwarp();
+  const unsigned lower = (1u << lane) - 1u;  // the lanes before this one
+  const int64_t begin = t * tile, end = min(count, begin + tile);
+  // Batches of kBatch steps of 32 ids: the batch's loads are issued together (they do not depend
+  // on the ranks), then its steps run in order.
+  constexpr int kBatch = 8;
+  for (int64_t b0 = begin; b0 < end; b0 += kBatch * kWarp) {
+    int32_t xs[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = b0 + u * kWarp + lane;
+      xs[u] = i < end ? id_at(ids, i, stride, e) : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t i = b0 + u * kWarp + lane;
+      const int32_t x = xs[u];
+      // Lanes with the same id (dropped and past-the-end lanes form their own group, ignored).
+      const unsigned peers = __match_any_sync(0xffffffffu, x);
+      const int32_t before = x >= 0 ? cursor[x] : 0;
+      // Every lane of a group has read the cursor before its last lane advances it.
+      __syncwarp();
+      if (x >= 0 && lane == 31 - __clz(peers)) cursor[x] = before + __popc(peers);
+      __syncwarp();
+      if (i >= end) continue;
+      if (x < 0) {
+        out[i * stride] = -1;
+        continue;
+      }
+      const int64_t rank = base[x] + before + __popc(peers & lower);
+      out[i * stride] = capacity < 0 ? static_cast<int32_t>(rank) : (rank < capacity ? x : -1);
+    }
   }
-  chunk_scan_kernel<<<1, kThreads, 0, s>>>(hist, chunks, e, base, offsets);
-  if (chunks > 0) {
-    chunk_assign_kernel<<<static_cast<unsigned>(chunks), kThreads, e * sizeof(int64_t), s>>>(ids, count, stride, e,
-                                                                                             hist, capacity, out);
+}
+
+// The four steps on the stream. scratch: plan.scratch_i32 int32. offsets (plan) or base
+// (capacity) gives the per-expert base.
+cudaError_t stable_ranks(const int32_t* ids, int64_t count, int64_t stride, int64_t e, const int64_t* base,
+                         int64_t* offsets, int64_t capacity, int32_t* out, int32_t* scratch, cudaStream_t s) {
+  const RankPlan p = routing::plan_ranks(count, e);
+  int32_t* hist = scratch;
+  int32_t* totals = scratch + p.tiles * e;
+  if (p.tiles > 0) {
+    tile_histogram_kernel<<<static_cast<unsigned>(p.tiles), routing::kRankThreads, p.hist_smem, s>>>(
+        ids, count, stride, e, p.tile, hist);
+  }
+  tile_scan_kernel<<<static_cast<unsigned>(e), routing::kScanThreads, 0, s>>>(hist, p.tiles, e, totals);
+  if (offsets) {
+    offsets_kernel<<<1, routing::kRankThreads, 0, s>>>(totals, e, offsets);
+    base = offsets;
+  }
+  if (p.tiles > 0) {
+    tile_scatter_kernel<<<static_cast<unsigned>(p.scatter_blocks), p.scatter_warps * kWarp, p.scatter_smem, s>>>(
+        ids, count, stride, e, p.tile, p.tiles, hist, base, capacity, out);
   }
   return cudaGetLastError();
 }
 
 __device__ __forceinline__ bool kept(int32_t p, int64_t m) { return p >= 0 && p < m; }
 
-__global__ void permute_fwd_kernel(const float* x, const int32_t* positions, float* out, int64_t k, int64_t c,
-                                   int64_t m) {
-  const int64_t n = blockIdx.x;
-  for (int64_t j = 0; j < k; ++j) {
-    const int32_t p = positions[n * k + j];
-    if (!kept(p, m)) continue;
-    for (int64_t i = threadIdx.x; i < c; i += blockDim.x) out[p * c + i] = x[n * c + i];
+// V consecutive floats of a row: one float4 access (16-byte aligned, routing::row_vector_width
+// checked it) or one float.
+template <int V>
+struct Vec {
+  float v[V];
+};
+
+template <int V>
+__device__ __forceinline__ Vec<V> load(const float* p) {
+  Vec<V> r;
+  if constexpr (V == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    r.v[0] = q.x;
+    r.v[1] = q.y;
+    r.v[2] = q.z;
+    r.v[3] = q.w;
+  } else {
+    r.v[0] = *p;
+  }
+  return r;
+}
+
+template <int V>
+__device__ __forceinline__ void store(float* p, const Vec<V>& r) {
+  if constexpr (V == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(r.v[0], r.v[1], r.v[2], r.v[3]);
+  } else {
+    *p = r.v[0];
   }
 }
 
-__global__ void permute_bwd_kernel(const float* dout, const int32_t* positions, float* dx, int64_t k, int64_t c,
+// Rows are c floats, cv = c / V vectors; vector i of row r starts at float (r * cv + i) * V.
+
+// Block n: x[n] is read once and written to each kept copy's row.
+template <int V>
+__global__ void permute_fwd_kernel(const float* x, const int32_t* positions, float* out, int64_t k, int64_t cv,
                                    int64_t m) {
   const int64_t n = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
-    float s = 0.0f;
+  const int32_t* pos = positions + n * k;
+  for (int64_t i = threadIdx.x; i < cv; i += blockDim.x) {
+    const Vec<V> v = load<V>(x + (n * cv + i) * V);
     for (int64_t j = 0; j < k; ++j) {
-      const int32_t p = positions[n * k + j];
-      if (kept(p, m)) s += dout[p * c + i];
+      const int32_t p = pos[j];
+      if (kept(p, m)) store<V>(out + (int64_t{p} * cv + i) * V, v);
     }
-    dx[n * c + i] = s;
   }
 }
 
+// Block n: dx[n] = sum over the kept copies in k order.
+template <int V>
+__global__ void permute_bwd_kernel(const float* dout, const int32_t* positions, float* dx, int64_t k, int64_t cv,
+                                   int64_t m) {
+  const int64_t n = blockIdx.x;
+  const int32_t* pos = positions + n * k;
+  for (int64_t i = threadIdx.x; i < cv; i += blockDim.x) {
+    Vec<V> s{};
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t p = pos[j];
+      if (!kept(p, m)) continue;
+      const Vec<V> g = load<V>(dout + (int64_t{p} * cv + i) * V);
+      for (int t = 0; t < V; ++t) s.v[t] += g.v[t];
+    }
+    store<V>(dx + (n * cv + i) * V, s);
+  }
+}
+
+// Block n: out[n] = sum over the kept copies in k order of weights[n, j] * y[positions[n, j]].
+template <int V>
 __global__ void unpermute_fwd_kernel(const float* y, const int32_t* positions, const float* weights, float* out,
-                                     int64_t k, int64_t c, int64_t m) {
+                                     int64_t k, int64_t cv, int64_t m) {
   const int64_t n = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
-    float s = 0.0f;
+  const int32_t* pos = positions + n * k;
+  const float* w = weights + n * k;
+  for (int64_t i = threadIdx.x; i < cv; i += blockDim.x) {
+    Vec<V> s{};
     for (int64_t j = 0; j < k; ++j) {
-      const int32_t p = positions[n * k + j];
-      if (kept(p, m)) s += weights[n * k + j] * y[p * c + i];
+      const int32_t p = pos[j];
+      if (!kept(p, m)) continue;
+      const Vec<V> u = load<V>(y + (int64_t{p} * cv + i) * V);
+      for (int t = 0; t < V; ++t) s.v[t] += w[j] * u.v[t];
     }
-    out[n * c + i] = s;
+    store<V>(out + (n * cv + i) * V, s);
   }
 }
 
 // One block per copy (n, j): dy[p] = w * dout[n], dweights[n, j] = <dout[n], y[p]>.
+template <int V>
 __global__ void unpermute_bwd_kernel(const float* y, const int32_t* positions, const float* weights,
-                                     const float* dout, float* dy, float* dweights, int64_t k, int64_t c, int64_t m) {
+                                     const float* dout, float* dy, float* dweights, int64_t k, int64_t cv, int64_t m) {
   __shared__ float scratch[32];
   const int64_t copy = blockIdx.x, n = copy / k;
   const int32_t p = positions[copy];
   if (!kept(p, m)) {
     if (threadIdx.x == 0) dweights[copy] = 0.0f;
-    return;
+    return;  // the whole block: p is block-uniform, so no thread reaches block_sum's barriers
   }
   const float w = weights[copy];
   float dot = 0.0f;
-  for (int64_t i = threadIdx.x; i < c; i += blockDim.x) {
-    const float g = dout[n * c + i];
-    dy[p * c + i] = w * g;
-    dot += g * y[p * c + i];
+  for (int64_t i = threadIdx.x; i < cv; i += blockDim.x) {
+    const Vec<V> g = load<V>(dout + (n * cv + i) * V);
+    const Vec<V> u = load<V>(y + (int64_t{p} * cv + i) * V);
+    Vec<V> d;
+    for (int t = 0; t < V; ++t) {
+      d.v[t] = w * g.v[t];
+      dot += g.v[t] * u.v[t];
+    }
+    store<V>(dy + (int64_t{p} * cv + i) * V, d);
   }
   dot = block_sum(dot, scratch);
   if (threadIdx.x == 0) dweights[copy] = dot;
 }
 
-int row_threads(int64_t c) { return static_cast<int>(std::max<int64_t>(kWarp, std::min<int64_t>(kThreads, (c + 31) / 32 * 32))); }
+// The vector width of a gather over rows of c floats touching these buffers.
+int vector_width(int64_t c, std::initializer_list<const void*> ptrs) {
+  return routing::row_vector_width(c, ptrs.begin(), static_cast<int>(ptrs.size()));
+}
 
 }  // namespace
 
-int64_t rank_chunks(int64_t count) { return (count + kChunk - 1) / kChunk; }
-
 cudaError_t moe_plan(const int32_t* experts, int64_t m, int64_t e, int32_t* positions, int64_t* offsets,
-                     int64_t* scratch, cudaStream_t s) {
+                     int32_t* scratch, cudaStream_t s) {
   return stable_ranks(experts, m, 1, e, nullptr, offsets, -1, positions, scratch, s);
 }
 
 cudaError_t moe_apply_capacity(const int32_t* experts, int64_t n, int64_t k, int64_t e, int64_t capacity,
-                               const int64_t* base, int32_t* dispatch, int64_t* scratch, cudaStream_t s) {
-  // Priority order is slot-major: slot j's copies rank after base[j, :], row by row.
+                               const int64_t* base, int32_t* dispatch, int32_t* scratch, cudaStream_t s) {
+  // Priority order is slot-major: slot j's copies rank after base[j, :], row by row. The slots
+  // run one after the other on the stream, so they share the scratch.
   for (int64_t j = 0; j < k; ++j) {
     const cudaError_t st =
         stable_ranks(experts + j, n, k, e, base + j * e, nullptr, capacity, dispatch + j, scratch, s);
@@ -184,28 +316,47 @@ cudaError_t moe_apply_capacity(const int32_t* experts, int64_t n, int64_t k, int
   return cudaSuccess;
 }
 
+// The gathers: one block per row (per copy for unpermute_bwd), routing::row_threads threads,
+// float4 when routing::row_vector_width allows.
 cudaError_t moe_permute_fwd(const float* x, const int32_t* positions, float* out, int64_t n, int64_t k, int64_t c,
                             int64_t m, cudaStream_t s) {
-  permute_fwd_kernel<<<static_cast<unsigned>(n), row_threads(c), 0, s>>>(x, positions, out, k, c, m);
+  const unsigned blocks = static_cast<unsigned>(n);
+  if (vector_width(c, {x, out}) == 4)
+    permute_fwd_kernel<4><<<blocks, routing::row_threads(c, 4), 0, s>>>(x, positions, out, k, c / 4, m);
+  else
+    permute_fwd_kernel<1><<<blocks, routing::row_threads(c, 1), 0, s>>>(x, positions, out, k, c, m);
   return cudaGetLastError();
 }
 
 cudaError_t moe_permute_bwd(const float* dout, const int32_t* positions, float* dx, int64_t n, int64_t k, int64_t c,
                             int64_t m, cudaStream_t s) {
-  permute_bwd_kernel<<<static_cast<unsigned>(n), row_threads(c), 0, s>>>(dout, positions, dx, k, c, m);
+  const unsigned blocks = static_cast<unsigned>(n);
+  if (vector_width(c, {dout, dx}) == 4)
+    permute_bwd_kernel<4><<<blocks, routing::row_threads(c, 4), 0, s>>>(dout, positions, dx, k, c / 4, m);
+  else
+    permute_bwd_kernel<1><<<blocks, routing::row_threads(c, 1), 0, s>>>(dout, positions, dx, k, c, m);
   return cudaGetLastError();
 }
 
 cudaError_t moe_unpermute_fwd(const float* y, const int32_t* positions, const float* weights, float* out, int64_t n,
                               int64_t k, int64_t c, int64_t m, cudaStream_t s) {
-  unpermute_fwd_kernel<<<static_cast<unsigned>(n), row_threads(c), 0, s>>>(y, positions, weights, out, k, c, m);
+  const unsigned blocks = static_cast<unsigned>(n);
+  if (vector_width(c, {y, out}) == 4)
+    unpermute_fwd_kernel<4><<<blocks, routing::row_threads(c, 4), 0, s>>>(y, positions, weights, out, k, c / 4, m);
+  else
+    unpermute_fwd_kernel<1><<<blocks, routing::row_threads(c, 1), 0, s>>>(y, positions, weights, out, k, c, m);
   return cudaGetLastError();
 }
 
 cudaError_t moe_unpermute_bwd(const float* y, const int32_t* positions, const float* weights, const float* dout,
                               float* dy, float* dweights, int64_t n, int64_t k, int64_t c, int64_t m, cudaStream_t s) {
-  unpermute_bwd_kernel<<<static_cast<unsigned>(n * k), row_threads(c), 0, s>>>(y, positions, weights, dout, dy,
-                                                                               dweights, k, c, m);
+  const unsigned blocks = static_cast<unsigned>(n * k);
+  if (vector_width(c, {y, dout, dy}) == 4)
+    unpermute_bwd_kernel<4><<<blocks, routing::row_threads(c, 4), 0, s>>>(y, positions, weights, dout, dy, dweights, k,
+                                                                         c / 4, m);
+  else
+    unpermute_bwd_kernel<1><<<blocks, routing::row_threads(c, 1), 0, s>>>(y, positions, weights, dout, dy, dweights, k,
+                                                                         c, m);
   return cudaGetLastError();
 }
 

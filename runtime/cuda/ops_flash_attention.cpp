@@ -1,7 +1,14 @@
 // Tensor-level fused bf16 attention (kernels in flash_attention*.cu): the CUDA attention_fwd and
 // attention_bwd for bf16 tensors, and the packed variable-length and sliding-window forms. Plans
 // the launch (runtime/cuda/attention_plan.h) against the device's shared-memory limit, allocates
-// the backward's delta scratch and checks the launch status.
+// the backward's delta scratch and checks the launch status. On a compute capability 9.0 device
+// (when built with 90 among the architectures) the wgmma + TMA kernels of
+// flash_attention_sm90*.cu run instead of the mma.sync ones (see use_wgmma).
+#include <cstdint>
+#include <cstdlib>
+#include <initializer_list>
+#include <string>
+
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/kernels.h"
@@ -69,6 +76,43 @@ Setup setup(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, c
   return {p, a};
 }
 
+// Why the Hopper wgmma kernels (flash_attention_sm90*.cu) cannot run this problem's forward or
+// backward; empty when they can.
+std::string wgmma_unsupported(bool backward, const flash::Problem& p, int device,
+                              std::initializer_list<const Tensor*> tma_inputs, int64_t max_smem) {
+#if MOEFORGE_WITH_SM90_ATTENTION
+  const DeviceContext& c = context(device);
+  if (c.cc_major != 9 || c.cc_minor != 0)
+    return fmt::format("it is built for compute capability 9.0 (sm_90a), the device has {}.{}", c.cc_major,
+                       c.cc_minor);
+  for (const Tensor* t : tma_inputs)
+    if (reinterpret_cast<uintptr_t>(t->raw_data()) % 16 != 0)
+      return "the tensors it reads by TMA (q, k, v, and dout in the backward) must be 16-byte aligned";
+  const char* why =
+      backward ? flash::sm90::bwd_unsupported_reason(p, max_smem) : flash::sm90::unsupported_reason(p, max_smem);
+  return why == nullptr ? std::string() : std::string(why);
+#else
+  return "it was not built (90 is not among CMAKE_CUDA_ARCHITECTURES)";
+#endif
+}
+
+// The kernels: the wgmma ones where they can run (a compute capability 9.0 device, built with 90
+// among the architectures), else mma.sync. MOEFORGE_ATTENTION_KERNEL=mma|wgmma forces one kind
+// (benchmarks, tests); forcing wgmma where it cannot run is an error. Either backward reads the
+// lse either forward writes.
+bool use_wgmma(const char* op, bool backward, const flash::Problem& p, int device,
+               std::initializer_list<const Tensor*> tma_inputs, int64_t max_smem) {
+  const char* env = std::getenv("MOEFORGE_ATTENTION_KERNEL");
+  const std::string choice = env == nullptr ? "" : env;
+  MOE_CHECK(choice.empty() || choice == "mma" || choice == "wgmma",
+            "{}: MOEFORGE_ATTENTION_KERNEL is '{}', expected mma or wgmma (or unset)", op, choice);
+  if (choice == "mma") return false;
+  const std::string why = wgmma_unsupported(backward, p, device, tma_inputs, max_smem);
+  MOE_CHECK(choice != "wgmma" || why.empty(),
+            "{}: MOEFORGE_ATTENTION_KERNEL=wgmma, but the wgmma kernel cannot run: {}", op, why);
+  return why.empty();
+}
+
 }  // namespace
 
 void flash_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
@@ -78,9 +122,17 @@ void flash_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, floa
   check_bf16(op, {{"out", &out}});
   MOE_CHECK(out.shape() == q.shape(), "{}: out {} must have q's shape {}", op, out.shape().str(), q.shape().str());
   if (q.numel() == 0) return;
-  const flash::Plan plan = flash::plan_flash_attention(s.problem, max_smem_optin(q.device().index));
+  const int device = q.device().index;
+  const int64_t max_smem = max_smem_optin(device);
+  const flash::Plan plan = flash::plan_flash_attention(s.problem, max_smem);
   s.args.out = out.raw_data();
-  MOE_CUDA_CHECK(launch::flash_attention_fwd(s.args, plan, stream(q.device().index)));
+  if (use_wgmma(op, false, s.problem, device, {&q, &k, &v}, max_smem)) {
+#if MOEFORGE_WITH_SM90_ATTENTION
+    MOE_CUDA_CHECK(launch::flash_attention_fwd_sm90(s.args, flash::sm90::plan_fwd(s.problem), stream(device)));
+#endif
+    return;
+  }
+  MOE_CUDA_CHECK(launch::flash_attention_fwd(s.args, plan, stream(device)));
 }
 
 void flash_attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
@@ -96,7 +148,9 @@ void flash_attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, cons
             op, q.shape().str(), k.shape().str(), out.shape().str(), dout.shape().str(), dq.shape().str(),
             dk.shape().str(), dv.shape().str());
   if (q.numel() == 0) return;
-  const flash::Plan plan = flash::plan_flash_attention(s.problem, max_smem_optin(q.device().index));
+  const int device = q.device().index;
+  const int64_t max_smem = max_smem_optin(device);
+  const flash::Plan plan = flash::plan_flash_attention(s.problem, max_smem);
   const Tensor delta = Tensor::empty(lse.shape(), DType::kF32, q.device());
   s.args.out = out.raw_data();
   s.args.dout = dout.raw_data();
@@ -104,7 +158,13 @@ void flash_attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, cons
   s.args.dk = dk.raw_data();
   s.args.dv = dv.raw_data();
   s.args.delta = delta.data<float>();
-  MOE_CUDA_CHECK(launch::flash_attention_bwd(s.args, plan, stream(q.device().index)));
+  if (use_wgmma(op, true, s.problem, device, {&q, &k, &v, &dout}, max_smem)) {
+#if MOEFORGE_WITH_SM90_ATTENTION
+    MOE_CUDA_CHECK(launch::flash_attention_bwd_sm90(s.args, flash::sm90::plan_bwd(s.problem), stream(device)));
+#endif
+    return;
+  }
+  MOE_CUDA_CHECK(launch::flash_attention_bwd(s.args, plan, stream(device)));
 }
 
 }  // namespace moeforge::cuda

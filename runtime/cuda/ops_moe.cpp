@@ -1,10 +1,17 @@
 // Tensor-level CUDA MoE routing ops and the grouped expert GEMM: grid-limit checks, scratch from
 // the caching allocator, launch status checks (kernels in fused_router.cu, router.cu,
-// moe_dispatch.cu and grouped_gemm.cu).
+// moe_dispatch.cu and grouped_gemm.cu; launch sizes in routing_plan.h). Also the internal fused
+// router entry points of kernels.h (router_fwd_with_stats and the losses from its statistics),
+// which validate their arguments here since no catalog op does.
+#include <algorithm>
+#include <limits>
+
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/kernels.h"
 #include "runtime/cuda/launchers.h"
+#include "runtime/cuda/routing_plan.h"
+#include "runtime/op_checks.h"
 
 namespace moeforge::cuda {
 namespace {
@@ -16,13 +23,18 @@ void check_blocks(std::string_view op, int64_t blocks, std::string_view what) {
 }
 
 void check_experts(std::string_view op, int64_t e) {
-  MOE_CHECK(e <= launch::kMaxRankExperts, "{}: {} experts exceed the CUDA kernel's maximum of {}", op, e,
-            launch::kMaxRankExperts);
+  MOE_CHECK(e <= routing::kMaxRankExperts, "{}: {} experts exceed the CUDA kernel's maximum of {}", op, e,
+            routing::kMaxRankExperts);
 }
 
-// Scratch of the stable-rank kernels for `count` ids over e experts.
+// Scratch of the counting-sort kernels for `count` ids over e experts.
 Tensor rank_scratch(const Tensor& like, int64_t count, int64_t e) {
-  return Tensor::empty({std::max<int64_t>(1, launch::rank_chunks(count) * e)}, DType::kI64, like.device());
+  return Tensor::empty({routing::plan_ranks(count, e).scratch_i32}, DType::kI32, like.device());
+}
+
+// A scratch tensor of `count` doubles (there is no f64 dtype: 8-byte i64 elements).
+Tensor f64_scratch(const Tensor& like, int64_t count) {
+  return Tensor::empty({std::max<int64_t>(1, count)}, DType::kI64, like.device());
 }
 
 }  // namespace
@@ -33,8 +45,8 @@ void router_fwd(const Tensor& logits, ops::Gating gating, int k, const Tensor& b
   if (n == 0) return;
   check_blocks("router_fwd", (n + 3) / 4, "blocks of 4 tokens");
   MOE_CUDA_CHECK(launch::fused_router_fwd(logits.data<float>(), n, e, gating == ops::Gating::kSigmoidTopK, k,
-                                    bias.defined() ? bias.data<float>() : nullptr, weights.data<float>(),
-                                    experts.data<int32_t>(), probs.data<float>(), stream_of(logits)));
+                                          bias.defined() ? bias.data<float>() : nullptr, weights.data<float>(),
+                                          experts.data<int32_t>(), probs.data<float>(), nullptr, stream_of(logits)));
 }
 
 void router_bwd(const Tensor& logits, ops::Gating gating, const Tensor& experts, const Tensor& dweights,
@@ -43,15 +55,17 @@ void router_bwd(const Tensor& logits, ops::Gating gating, const Tensor& experts,
   if (n == 0) return;
   check_blocks("router_bwd", (n + 3) / 4, "blocks of 4 tokens");
   MOE_CUDA_CHECK(launch::fused_router_bwd(logits.data<float>(), n, e, gating == ops::Gating::kSigmoidTopK,
-                                    static_cast<int>(experts.dim(1)), experts.data<int32_t>(), dweights.data<float>(),
-                                    dprobs.defined() ? dprobs.data<float>() : nullptr, dlogits.data<float>(),
-                                    stream_of(logits)));
+                                          static_cast<int>(experts.dim(1)), experts.data<int32_t>(),
+                                          dweights.data<float>(), dprobs.defined() ? dprobs.data<float>() : nullptr,
+                                          nullptr, nullptr, 0.0f, 1, dlogits.data<float>(), stream_of(logits)));
 }
 
 void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, const Tensor& loss) {
-  const int64_t e = probs.dim(1);
-  const Tensor scratch = Tensor::empty({e}, DType::kI64, probs.device());  // e doubles
-  MOE_CUDA_CHECK(launch::moe_aux_loss_fwd(probs.data<float>(), counts.data<int64_t>(), probs.dim(0), e, k, num_tokens,
+  const int64_t n = probs.dim(0), e = probs.dim(1);
+  const routing::ColumnPlan p = routing::plan_column_sums(n, e);
+  check_blocks("moe_aux_loss_fwd", p.row_blocks, "row blocks");
+  const Tensor scratch = f64_scratch(probs, p.row_blocks * e + e);
+  MOE_CUDA_CHECK(launch::moe_aux_loss_fwd(probs.data<float>(), counts.data<int64_t>(), n, e, k, num_tokens,
                                           loss.data<float>(), static_cast<double*>(scratch.raw_data()),
                                           stream_of(probs)));
 }
@@ -82,7 +96,7 @@ void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, c
   const int64_t m = experts.numel();
   const Tensor scratch = rank_scratch(experts, m, num_experts);
   MOE_CUDA_CHECK(launch::moe_plan(experts.data<int32_t>(), m, num_experts, positions.data<int32_t>(),
-                                  offsets.data<int64_t>(), scratch.data<int64_t>(), stream_of(experts)));
+                                  offsets.data<int64_t>(), scratch.data<int32_t>(), stream_of(experts)));
 }
 
 void moe_apply_capacity(const Tensor& experts, int64_t capacity, const Tensor& base, const Tensor& dispatch) {
@@ -90,9 +104,12 @@ void moe_apply_capacity(const Tensor& experts, int64_t capacity, const Tensor& b
   check_experts("moe_apply_capacity", e);
   if (n == 0 || k == 0) return;
   MOE_CHECK(capacity >= 0, "moe_apply_capacity: capacity={} must be >= 0", capacity);
+  MOE_CHECK(n <= std::numeric_limits<int32_t>::max(),
+            "moe_apply_capacity: experts has shape {}: {} rows exceed the int32 ranks of the CUDA kernel",
+            experts.shape().str(), n);
   const Tensor scratch = rank_scratch(experts, n, e);
   MOE_CUDA_CHECK(launch::moe_apply_capacity(experts.data<int32_t>(), n, k, e, capacity, base.data<int64_t>(),
-                                            dispatch.data<int32_t>(), scratch.data<int64_t>(), stream_of(experts)));
+                                            dispatch.data<int32_t>(), scratch.data<int32_t>(), stream_of(experts)));
 }
 
 void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out) {
@@ -151,6 +168,157 @@ void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, c
   MOE_CUDA_CHECK(launch::grouped_gemm_bwd(x.data<float>(), w.data<float>(), offsets.data<int64_t>(),
                                           dout.data<float>(), dx.data<float>(), dw.data<float>(), m, e, cin, cout,
                                           stream_of(x)));
+}
+
+// ---- fused routing with the router losses (internal) -------------------------------------------
+
+namespace {
+
+using ops::detail::check_dtype;
+using ops::detail::check_same_device;
+using ops::detail::check_shape;
+
+// stats as RouterStats::allocate(n, e, device) makes it.
+void check_stats(std::string_view op, const RouterStats& stats, int64_t n, int64_t e, const Tensor& ref) {
+  MOE_CHECK(stats.prob_mass.defined() && stats.selected.defined() && stats.lse.defined(),
+            "{}: stats has undefined tensors; expected RouterStats::allocate({}, {}, ...)", op, n, e);
+  check_same_device(op, {{"ref", ref}, {"stats.prob_mass", stats.prob_mass}, {"stats.selected", stats.selected},
+                         {"stats.lse", stats.lse}});
+  check_dtype(op, {"stats.prob_mass", stats.prob_mass}, DType::kF32);
+  check_shape(op, {"stats.prob_mass", stats.prob_mass}, Shape{e}, {"ref", ref});
+  check_dtype(op, {"stats.selected", stats.selected}, DType::kI64);
+  check_shape(op, {"stats.selected", stats.selected}, Shape{e}, {"ref", ref});
+  check_dtype(op, {"stats.lse", stats.lse}, DType::kF32);
+  check_shape(op, {"stats.lse", stats.lse}, Shape{n}, {"ref", ref});
+}
+
+void check_loss_tokens(std::string_view op, int64_t num_tokens, int64_t n) {
+  MOE_CHECK(num_tokens >= n, "{}: num_tokens={} must be >= the {} rows the statistics cover", op, num_tokens, n);
+}
+
+}  // namespace
+
+RouterStats RouterStats::allocate(int64_t n, int64_t e, Device device) {
+  return {Tensor::empty({e}, DType::kF32, device), Tensor::empty({e}, DType::kI64, device),
+          Tensor::empty({n}, DType::kF32, device)};
+}
+
+void router_fwd_with_stats(const Tensor& logits, ops::Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                           const Tensor& experts, const Tensor& probs, const RouterStats& stats) {
+  constexpr std::string_view op = "router_fwd_with_stats";
+  // The catalog router_fwd's checks (ops_moe.cpp), repeated: it has no check-only entry point.
+  MOE_CHECK(logits.defined() && logits.ndim() == 2 && logits.device().type == DeviceType::kCUDA,
+            "{}: logits must be a (N, E) tensor on a CUDA device", op);
+  const int64_t n = logits.dim(0), e = logits.dim(1);
+  check_stats(op, stats, n, e, logits);
+  MOE_CHECK(e <= routing::kGatingMaxStatsExperts, "{}: logits has shape {}: {} experts exceed the fused statistics' maximum of {}",
+            op, logits.shape().str(), e, routing::kGatingMaxStatsExperts);
+  check_dtype(op, {"logits", logits}, DType::kF32);
+  MOE_CHECK(k >= 1 && k <= e, "{}: k={} must be in [1, E={}]", op, k, e);
+  check_same_device(op, {{"logits", logits}, {"weights", weights}, {"experts", experts}, {"probs", probs}});
+  if (bias.defined()) {
+    check_same_device(op, {{"logits", logits}, {"bias", bias}});
+    check_dtype(op, {"bias", bias}, DType::kF32);
+    check_shape(op, {"bias", bias}, Shape{e}, {"logits", logits});
+  }
+  check_dtype(op, {"weights", weights}, DType::kF32);
+  check_shape(op, {"weights", weights}, Shape{n, k}, {"logits", logits});
+  check_dtype(op, {"experts", experts}, DType::kI32);
+  check_shape(op, {"experts", experts}, Shape{n, k}, {"logits", logits});
+  check_dtype(op, {"probs", probs}, DType::kF32);
+  check_shape(op, {"probs", probs}, Shape{n, e}, {"logits", logits});
+
+  if (n == 0) {  // no rows: zero statistics
+    fill(stats.prob_mass, 0.0f);
+    fill(stats.selected, 0.0f);
+    return;
+  }
+  const routing::GatingPlan p = routing::plan_gating(n, e, true);
+  check_blocks(op, p.blocks, "blocks of rows");
+  const Tensor mass_partial = f64_scratch(logits, p.partial_rows * e);
+  const Tensor count_partial = Tensor::empty({std::max<int64_t>(1, p.partial_rows * e)}, DType::kI32, logits.device());
+  const launch::RouterStatsBuffers buffers{static_cast<double*>(mass_partial.raw_data()), count_partial.data<int32_t>(),
+                                           stats.prob_mass.data<float>(), stats.selected.data<int64_t>(),
+                                           stats.lse.data<float>()};
+  MOE_CUDA_CHECK(launch::fused_router_fwd(logits.data<float>(), n, e, gating == ops::Gating::kSigmoidTopK, k,
+                                          bias.defined() ? bias.data<float>() : nullptr, weights.data<float>(),
+                                          experts.data<int32_t>(), probs.data<float>(), &buffers, stream_of(logits)));
+}
+
+void moe_aux_loss_fwd_from_stats(const RouterStats& stats, const Tensor& counts, int k, int64_t num_tokens,
+                                 const Tensor& loss) {
+  constexpr std::string_view op = "moe_aux_loss_fwd_from_stats";
+  const int64_t e = stats.prob_mass.defined() ? stats.prob_mass.numel() : 0, n = stats.lse.defined() ? stats.lse.numel() : 0;
+  check_stats(op, stats, n, e, stats.prob_mass);
+  check_same_device(op, {{"stats.prob_mass", stats.prob_mass}, {"counts", counts}, {"loss", loss}});
+  check_dtype(op, {"counts", counts}, DType::kI64);
+  check_shape(op, {"counts", counts}, Shape{e}, {"stats.prob_mass", stats.prob_mass});
+  check_dtype(op, {"loss", loss}, DType::kF32);
+  check_shape(op, {"loss", loss}, Shape{1}, {"stats.prob_mass", stats.prob_mass});
+  MOE_CHECK(k >= 1 && k <= e, "{}: k={} must be in [1, E={}]", op, k, e);
+  check_loss_tokens(op, num_tokens, n);
+  MOE_CUDA_CHECK(launch::moe_aux_loss_fwd_from_mass(stats.prob_mass.data<float>(), counts.data<int64_t>(), n, e, k,
+                                                    num_tokens, loss.data<float>(), stream_of(loss)));
+}
+
+void router_z_loss_fwd_from_stats(const RouterStats& stats, int64_t num_tokens, const Tensor& loss) {
+  constexpr std::string_view op = "router_z_loss_fwd_from_stats";
+  const int64_t e = stats.prob_mass.defined() ? stats.prob_mass.numel() : 0, n = stats.lse.defined() ? stats.lse.numel() : 0;
+  check_stats(op, stats, n, e, stats.lse);
+  check_same_device(op, {{"stats.lse", stats.lse}, {"loss", loss}});
+  check_dtype(op, {"loss", loss}, DType::kF32);
+  check_shape(op, {"loss", loss}, Shape{1}, {"stats.lse", stats.lse});
+  check_loss_tokens(op, num_tokens, n);
+  MOE_CUDA_CHECK(launch::router_z_loss_fwd_from_lse(stats.lse.data<float>(), n, num_tokens, loss.data<float>(),
+                                                    stream_of(loss)));
+}
+
+void router_bwd_fused(const Tensor& logits, ops::Gating gating, const Tensor& experts, const Tensor& dweights,
+                      const Tensor& dprobs, const RouterLossGrads& losses, const Tensor& dlogits) {
+  constexpr std::string_view op = "router_bwd_fused";
+  MOE_CHECK(logits.defined() && logits.ndim() == 2 && logits.device().type == DeviceType::kCUDA,
+            "{}: logits must be a (N, E) tensor on a CUDA device", op);
+  const int64_t n = logits.dim(0), e = logits.dim(1);
+  check_dtype(op, {"logits", logits}, DType::kF32);
+  check_same_device(op, {{"logits", logits}, {"experts", experts}, {"dweights", dweights}, {"dlogits", dlogits}});
+  check_dtype(op, {"experts", experts}, DType::kI32);
+  MOE_CHECK(experts.ndim() == 2 && experts.dim(0) == n && experts.dim(1) >= 1 && experts.dim(1) <= e,
+            "{}: experts has shape {} but logits has shape {}; expected ({}, K) with K in [1, {}]", op,
+            experts.shape().str(), logits.shape().str(), n, e);
+  check_dtype(op, {"dweights", dweights}, DType::kF32);
+  check_shape(op, {"dweights", dweights}, experts.shape(), {"experts", experts});
+  if (dprobs.defined()) {
+    check_same_device(op, {{"logits", logits}, {"dprobs", dprobs}});
+    check_dtype(op, {"dprobs", dprobs}, DType::kF32);
+    check_shape(op, {"dprobs", dprobs}, logits.shape(), {"logits", logits});
+  }
+  check_dtype(op, {"dlogits", dlogits}, DType::kF32);
+  check_shape(op, {"dlogits", dlogits}, logits.shape(), {"logits", logits});
+  const bool aux = losses.counts.defined(), z = losses.lse.defined();
+  if (aux || z) check_loss_tokens(op, losses.num_tokens, n);
+  Tensor dprobs_row;  // (E): the aux loss's dprobs, the same for every row
+  if (aux) {
+    check_same_device(op, {{"logits", logits}, {"losses.counts", losses.counts}});
+    check_dtype(op, {"losses.counts", losses.counts}, DType::kI64);
+    check_shape(op, {"losses.counts", losses.counts}, Shape{e}, {"logits", logits});
+    MOE_CHECK(losses.k >= 1 && losses.k <= e, "{}: losses.k={} must be in [1, E={}]", op, losses.k, e);
+    dprobs_row = Tensor::empty({e}, DType::kF32, logits.device());
+    // One row of moe_aux_loss_bwd: the very values the catalog op writes in every row.
+    MOE_CUDA_CHECK(launch::moe_aux_loss_bwd(losses.counts.data<int64_t>(), 1, e, losses.k, losses.num_tokens,
+                                            losses.aux_scale, dprobs_row.data<float>(), stream_of(logits)));
+  }
+  if (z) {
+    check_same_device(op, {{"logits", logits}, {"losses.lse", losses.lse}});
+    check_dtype(op, {"losses.lse", losses.lse}, DType::kF32);
+    check_shape(op, {"losses.lse", losses.lse}, Shape{n}, {"logits", logits});
+  }
+  if (n == 0) return;
+  check_blocks(op, routing::plan_gating(n, e, false).blocks, "blocks of 4 tokens");
+  MOE_CUDA_CHECK(launch::fused_router_bwd(
+      logits.data<float>(), n, e, gating == ops::Gating::kSigmoidTopK, static_cast<int>(experts.dim(1)),
+      experts.data<int32_t>(), dweights.data<float>(), dprobs.defined() ? dprobs.data<float>() : nullptr,
+      aux ? dprobs_row.data<float>() : nullptr, z ? losses.lse.data<float>() : nullptr, losses.z_scale,
+      std::max<int64_t>(1, losses.num_tokens), dlogits.data<float>(), stream_of(logits)));
 }
 
 }  // namespace moeforge::cuda

@@ -1,7 +1,9 @@
 // Benchmark (a program, not a test) of the CUDA backend on one device: device-to-device copy
 // bandwidth (the yardstick), cuBLASLt GEMM TFLOP/s in bf16 (all four transpose combinations) and
 // fp32, the memory-bound ops' effective GB/s (bytes each op must read and write, over its time)
-// as a fraction of the copy, and the fused bf16 attention's TFLOP/s for T = 1k..16k. Times are
+// as a fraction of the copy (routing: the fused gating with the losses' statistics, the fused
+// router backward, the counting-sort plan, permute and unpermute both ways), and the fused bf16
+// attention's TFLOP/s for T = 1k..16k. Times are
 // medians of event-timed runs on the compute stream after warm-up. Prints one table;
 // scripts/gpu-check.sh runs it.
 //
@@ -9,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -115,11 +118,6 @@ int main(int argc, char** argv) {
     bandwidth("rope_fwd (in place)", "16k x 32 x 128", 2.0 * x.nbytes(), [&] { ops::rope_fwd(q, 10000.0f, q); });
     const Tensor ids = filled({n}, 7.0f, DType::kI32), table = filled({32768, c}, 0.1f);
     bandwidth("embedding_fwd", "16k x 4096", 2.0 * out.nbytes(), [&] { ops::embedding_fwd(ids, table, out); });
-    const int64_t k = 2;
-    const Tensor positions = Tensor::empty({n, k}, DType::kI32, kGpu), offsets = Tensor::empty({9}, DType::kI64, kGpu);
-    std::vector<int32_t> ex(static_cast<size_t>(n * k));
-    for (size_t i = 0; i < ex.size(); ++i) ex[i] = static_cast<int32_t>((i * 2654435761u) % 8);
-    const Tensor experts = Tensor::from_ints({n, k}, ex).to_device(kGpu);
     // The router (fused_router.cu) at DeepSeek-V3's size: E = 256, k = 8; reads logits, writes
     // probs (and the small weights and ids); the backward reads logits and dprobs, writes dlogits.
     {
@@ -134,12 +132,52 @@ int main(int argc, char** argv) {
       bandwidth("router_bwd softmax", "16k x 256, k=8", 3.0 * logits.nbytes() + 2.0 * rw.nbytes(),
                 [&] { ops::router_bwd(logits, ops::Gating::kSoftmaxTopK, rex, rw, probs, dlogits); });
     }
-    bandwidth("moe_plan", "16k x 2 -> 8", 2.0 * experts.nbytes(), [&] { ops::moe_plan(experts, 8, positions, offsets); });
-    const Tensor xp = filled({n * k, c}, 0.0f);
-    bandwidth("moe_permute_fwd", "16k x 2 x 4096", 2.0 * xp.nbytes(), [&] { ops::moe_permute_fwd(x, positions, xp); });
-    const Tensor weights = filled({n, k}, 0.5f);
-    bandwidth("moe_unpermute_fwd", "16k x 2 x 4096", xp.nbytes() + out.nbytes(),
-              [&] { ops::moe_unpermute_fwd(xp, positions, weights, out); });
+    // Routing at DeepSeek-V3's shape (E = 256, k = 8): the fused gating with the losses'
+    // statistics and the fused backward with both loss terms (bytes as above, plus the lse).
+    {
+      const int64_t e = 256;
+      const int kr = 8;
+      const Tensor logits = filled({n, e}, 0.3f), probs = filled({n, e}, 0.0f), dlogits = filled({n, e}, 0.0f);
+      const Tensor rw = filled({n, kr}, 0.0f), rex = filled({n, kr}, 0.0f, DType::kI32);
+      const cuda::RouterStats st = cuda::RouterStats::allocate(n, e, kGpu);
+      bandwidth("router_fwd_with_stats softmax", "16k x 256, k=8",
+                2.0 * logits.nbytes() + rw.nbytes() + rex.nbytes() + st.lse.nbytes(),
+                [&] { cuda::router_fwd_with_stats(logits, ops::Gating::kSoftmaxTopK, kr, Tensor(), rw, rex, probs, st); });
+      cuda::RouterLossGrads terms;
+      terms.counts = st.selected;
+      terms.k = kr;
+      terms.aux_scale = 0.01f;
+      terms.lse = st.lse;
+      terms.z_scale = 0.001f;
+      terms.num_tokens = n;
+      bandwidth("router_bwd_fused (aux + z)", "16k x 256, k=8",
+                2.0 * logits.nbytes() + 2.0 * rw.nbytes() + st.lse.nbytes(),
+                [&] { cuda::router_bwd_fused(logits, ops::Gating::kSoftmaxTopK, rex, rw, Tensor(), terms, dlogits); });
+    }
+    // The dispatch plan (counting sort) and the row gathers. Bytes = bytes read + written: the
+    // plan reads the ids and writes the positions; permute reads each token row once and writes
+    // its k copies; unpermute reads the k copies and writes the token row (+ weights, positions);
+    // the backwards the same with the roles swapped (unpermute_bwd also reads y and writes dy).
+    for (const int64_t kk : {int64_t{2}, int64_t{8}}) {
+      const int ne = kk == 2 ? 8 : 256;
+      const int64_t cc = kk == 2 ? c : 2048;
+      const std::string tag = std::to_string(n / 1024) + "k x " + std::to_string(kk) + " -> " + std::to_string(ne);
+      std::vector<int32_t> route_ids(static_cast<size_t>(n * kk));
+      for (size_t i = 0; i < route_ids.size(); ++i) route_ids[i] = static_cast<int32_t>((i * 2654435761u >> 7) % ne);
+      const Tensor ex = Tensor::from_ints({n, kk}, route_ids).to_device(kGpu);
+      const Tensor pos = Tensor::empty({n, kk}, DType::kI32, kGpu), off = Tensor::empty({ne + 1}, DType::kI64, kGpu);
+      bandwidth("moe_plan", tag, 2.0 * ex.nbytes(), [&] { ops::moe_plan(ex, ne, pos, off); });
+      const Tensor xt = filled({n, cc}, 0.5f), xc = filled({n * kk, cc}, 0.0f), dxc = filled({n * kk, cc}, 0.0f);
+      const Tensor wts = filled({n, kk}, 0.5f), ot = filled({n, cc}, 0.0f), dwts = filled({n, kk}, 0.0f);
+      const double tok = xt.nbytes(), copies = xc.nbytes(), idx = pos.nbytes();
+      const std::string size = tag + " x " + std::to_string(cc);
+      bandwidth("moe_permute_fwd", size, tok + copies + idx, [&] { ops::moe_permute_fwd(xt, pos, xc); });
+      bandwidth("moe_permute_bwd", size, copies + tok + idx, [&] { ops::moe_permute_bwd(xc, pos, ot); });
+      bandwidth("moe_unpermute_fwd", size, copies + tok + idx + wts.nbytes(),
+                [&] { ops::moe_unpermute_fwd(xc, pos, wts, ot); });
+      bandwidth("moe_unpermute_bwd", size, 2.0 * copies + tok + idx + 2.0 * wts.nbytes(),
+                [&] { ops::moe_unpermute_bwd(xc, pos, wts, xt, dxc, dwts); });
+    }
   }
   {
     const int64_t rows_ce = quick ? 1024 : 4096, v = 32768;
@@ -177,6 +215,11 @@ int main(int argc, char** argv) {
     // / T), H = Hkv = 16 as scripts/bench_sdpa.py runs PyTorch's SDPA. FLOPs as FlashAttention
     // counts them: forward 4 B H D T^2, halved for the causal mask; backward 2.5 x the forward.
     const int64_t h = 16, d = 128, tokens = 16384;
+#if MOEFORGE_WITH_SM90_ATTENTION
+    const bool wgmma = prop.major == 9 && prop.minor == 0;
+#else
+    const bool wgmma = false;
+#endif
     for (const int64_t t : quick ? std::vector<int64_t>{1024, 8192} : std::vector<int64_t>{1024, 2048, 4096, 8192, 16384}) {
       const int64_t b = tokens / t;
       const Shape qs{b, t, h, d};
@@ -187,11 +230,18 @@ int main(int argc, char** argv) {
       const Tensor dv = filled(qs, 0.0f, DType::kBF16);
       const double flops = 4.0 * b * h * d * t * t / 2;
       const std::string size = "T=" + std::to_string(t) + " B=" + std::to_string(b) + " H=16 D=128";
-      const double fwd = time_ms([&] { ops::attention_fwd(q, k, v, 0.088f, out, lse); }, quick ? 3 : 10);
-      rows.push_back({"flash attention fwd bf16", size, fwd, flops / fwd / 1e9, "TFLOP/s", -1});
-      const double bwd =
-          time_ms([&] { ops::attention_bwd(q, k, v, out, lse, dout, 0.088f, dq, dk, dv); }, quick ? 3 : 10);
-      rows.push_back({"flash attention bwd bf16", size, bwd, 2.5 * flops / bwd / 1e9, "TFLOP/s", -1});
+      // Each kernel kind the device runs (MOEFORGE_ATTENTION_KERNEL): mma.sync everywhere, wgmma
+      // on compute capability 9.0 when built.
+      for (const char* kernel : wgmma ? std::vector<const char*>{"mma", "wgmma"} : std::vector<const char*>{"mma"}) {
+        setenv("MOEFORGE_ATTENTION_KERNEL", kernel, 1);
+        const double fwd = time_ms([&] { ops::attention_fwd(q, k, v, 0.088f, out, lse); }, quick ? 3 : 10);
+        rows.push_back({std::string("flash attn fwd bf16 ") + kernel, size, fwd, flops / fwd / 1e9, "TFLOP/s", -1});
+        const double bwd =
+            time_ms([&] { ops::attention_bwd(q, k, v, out, lse, dout, 0.088f, dq, dk, dv); }, quick ? 3 : 10);
+        rows.push_back({std::string("flash attn bwd bf16 ") + kernel, size, bwd, 2.5 * flops / bwd / 1e9, "TFLOP/s",
+                        -1});
+      }
+      unsetenv("MOEFORGE_ATTENTION_KERNEL");
     }
   }
 

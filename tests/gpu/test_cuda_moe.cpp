@@ -1,9 +1,13 @@
 // Tests the CUDA MoE routing ops (runtime/cuda/router.cu, moe_dispatch.cu, grouped_gemm.cu)
 // against the CPU ops: router top-k for both gatings with and without bias (the same experts,
 // weights to 1e-5), its backward, the aux and z losses, the dispatch plan with dropped copies and
-// the capacity rule (integers exactly equal), permute / unpermute both ways, and the grouped
-// expert GEMM with empty experts. Outputs poisoned; fp32 to 1e-5.
+// the capacity rule (integers exactly equal; the counting sort of moe_dispatch.cu for k = 1, 2, 8,
+// E up to 4096, N not a multiple of its tiles or warps), permute / unpermute both ways (float4
+// rows and unaligned scalar rows, k = 1, 2, 8, dropped copies), and the grouped expert GEMM with
+// empty experts. Outputs poisoned; fp32 to 1e-5.
 #include <gtest/gtest.h>
+
+#include <string>
 
 #include "tests/gpu/gpu_testing.h"
 #include "tests/testing.h"
@@ -66,66 +70,103 @@ TEST(GpuMoe, RouterForwardBackwardAndLosses) {
 
 TEST(GpuMoe, PlanWithDroppedCopiesAndCapacityMatchTheCpuExactly) {
   MOE_REQUIRE_GPU();
-  const int64_t n = 3001, k = 2;
-  const int e = 8;
-  Tensor experts = random_ints({n, k}, 7, 0, e);
-  for (int64_t i = 0; i < n * k; i += 7) experts.data<int32_t>()[i] = -1;  // dropped copies
-  Tensor positions = Tensor::empty({n, k}, DType::kI32), offsets = Tensor::empty({e + 1}, DType::kI64);
-  ops::moe_plan(experts, e, positions, offsets);
-  const Tensor gpos = poisoned({n, k}, DType::kI32), goff = poisoned({e + 1}, DType::kI64);
-  ops::moe_plan(to_gpu(experts), e, gpos, goff);
-  expect_equal_ints(gpos, positions, "positions");
-  expect_equal_ints(goff, offsets, "offsets");
+  // Tiles are 256 ids (E, rounded up to a warp, for E > 256) and a warp steps 32 at a time: the
+  // copy counts below are multiples of neither.
+  const struct {
+    int64_t n;
+    int e;
+  } sizes[] = {{1, 8}, {3001, 8}, {1029, 37}, {16411, 256}, {517, 4096}};
+  for (const auto& sz : sizes)
+    for (const int64_t k : {1, 2, 8}) {
+      if (k > sz.e) continue;
+      const int64_t n = sz.n;
+      const int e = sz.e;
+      SCOPED_TRACE("N=" + std::to_string(n) + " E=" + std::to_string(e) + " k=" + std::to_string(k));
+      Tensor experts = random_ints({n, k}, 7 + n + k, 0, e);
+      for (int64_t i = 0; i < n * k; i += 7) experts.data<int32_t>()[i] = -1;  // dropped copies
+      Tensor positions = Tensor::empty({n, k}, DType::kI32), offsets = Tensor::empty({e + 1}, DType::kI64);
+      ops::moe_plan(experts, e, positions, offsets);
+      const Tensor gpos = poisoned({n, k}, DType::kI32), goff = poisoned({e + 1}, DType::kI64);
+      ops::moe_plan(to_gpu(experts), e, gpos, goff);
+      expect_equal_ints(gpos, positions, "positions");
+      expect_equal_ints(goff, offsets, "offsets");
 
-  const Tensor full = random_ints({n, k}, 8, 0, e);
-  Tensor base = Tensor::empty({k, e}, DType::kI64);
-  for (int64_t i = 0; i < k * e; ++i) base.data<int64_t>()[i] = i % 5 * 40;
-  Tensor dispatch = Tensor::empty({n, k}, DType::kI32);
-  ops::moe_apply_capacity(full, 500, base, dispatch);
-  const Tensor gdispatch = poisoned({n, k}, DType::kI32);
-  ops::moe_apply_capacity(to_gpu(full), 500, to_gpu(base), gdispatch);
-  expect_equal_ints(gdispatch, dispatch, "dispatch");
+      const Tensor full = random_ints({n, k}, 8 + n + k, 0, e);
+      Tensor base = Tensor::empty({k, e}, DType::kI64);
+      for (int64_t i = 0; i < k * e; ++i) base.data<int64_t>()[i] = i % 5 * 40;
+      const int64_t capacity = n / e + 60;  // drops some copies of the experts with a large base
+      Tensor dispatch = Tensor::empty({n, k}, DType::kI32);
+      ops::moe_apply_capacity(full, capacity, base, dispatch);
+      const Tensor gdispatch = poisoned({n, k}, DType::kI32);
+      ops::moe_apply_capacity(to_gpu(full), capacity, to_gpu(base), gdispatch);
+      expect_equal_ints(gdispatch, dispatch, "dispatch");
+    }
 }
 
 TEST(GpuMoe, PermuteAndUnpermuteBothWays) {
   MOE_REQUIRE_GPU();
-  const int64_t n = 257, k = 3, c = 130;
-  const int e = 5;
-  Tensor experts = random_ints({n, k}, 9, 0, e);
-  for (int64_t i = 0; i < n * k; i += 11) experts.data<int32_t>()[i] = -1;
+  // c = 130: scalar rows (not 16-byte aligned); c = 256: float4 rows; c = 4: one vector per row.
+  for (const int64_t c : {130, 256, 4})
+    for (const int64_t k : {1, 2, 8}) {
+      const int64_t n = 257;
+      const int e = 9;
+      SCOPED_TRACE("C=" + std::to_string(c) + " k=" + std::to_string(k));
+      Tensor experts = random_ints({n, k}, 9 + k, 0, e);
+      for (int64_t i = 0; i < n * k; i += 11) experts.data<int32_t>()[i] = -1;
+      Tensor positions = Tensor::empty({n, k}, DType::kI32), offsets = Tensor::empty({e + 1}, DType::kI64);
+      ops::moe_plan(experts, e, positions, offsets);
+      const int64_t m = offsets.data<int64_t>()[e];
+      const Tensor gpos = to_gpu(positions);
+
+      const Tensor x = random_tensor({n, c}, 10);
+      Tensor px = Tensor::empty({m, c}, DType::kF32);
+      ops::moe_permute_fwd(x, positions, px);
+      const Tensor gpx = poisoned({m, c});
+      ops::moe_permute_fwd(to_gpu(x), gpos, gpx);
+      EXPECT_GPU_CLOSE(gpx, px, 0.0);
+
+      const Tensor dpx = random_tensor({m, c}, 11);
+      Tensor dx = Tensor::empty({n, c}, DType::kF32);
+      ops::moe_permute_bwd(dpx, positions, dx);
+      const Tensor gdx = poisoned({n, c});
+      ops::moe_permute_bwd(to_gpu(dpx), gpos, gdx);
+      EXPECT_GPU_CLOSE(gdx, dx, kF32Tol);
+
+      const Tensor y = random_tensor({m, c}, 12), weights = random_tensor({n, k}, 13);
+      Tensor out = Tensor::empty({n, c}, DType::kF32);
+      ops::moe_unpermute_fwd(y, positions, weights, out);
+      const Tensor gout = poisoned({n, c});
+      ops::moe_unpermute_fwd(to_gpu(y), gpos, to_gpu(weights), gout);
+      EXPECT_GPU_CLOSE(gout, out, kF32Tol);
+
+      const Tensor dout = random_tensor({n, c}, 14);
+      Tensor dy = Tensor::empty({m, c}, DType::kF32), dw = Tensor::empty({n, k}, DType::kF32);
+      ops::moe_unpermute_bwd(y, positions, weights, dout, dy, dw);
+      const Tensor gdy = poisoned({m, c}), gdw = poisoned({n, k});
+      ops::moe_unpermute_bwd(to_gpu(y), gpos, to_gpu(weights), to_gpu(dout), gdy, gdw);
+      EXPECT_GPU_CLOSE(gdy, dy, kF32Tol);
+      EXPECT_GPU_CLOSE(gdw, dw, kF32Tol);
+    }
+}
+
+TEST(GpuMoe, LargePlanMatchesTheCpuAndIsTheSameOnEveryRun) {
+  MOE_REQUIRE_GPU();
+  // 1.2M copies: more than 4096 tiles of 256, so the tiles grow to 320 ids (routing_plan.h).
+  const int64_t n = 150001, k = 8;
+  const int e = 256;
+  Tensor experts = random_ints({n, k}, 21, 0, e);
+  for (int64_t i = 0; i < n * k; i += 13) experts.data<int32_t>()[i] = -1;
   Tensor positions = Tensor::empty({n, k}, DType::kI32), offsets = Tensor::empty({e + 1}, DType::kI64);
   ops::moe_plan(experts, e, positions, offsets);
-  const int64_t m = offsets.data<int64_t>()[e];
-  const Tensor gpos = to_gpu(positions);
-
-  const Tensor x = random_tensor({n, c}, 10);
-  Tensor px = Tensor::empty({m, c}, DType::kF32);
-  ops::moe_permute_fwd(x, positions, px);
-  const Tensor gpx = poisoned({m, c});
-  ops::moe_permute_fwd(to_gpu(x), gpos, gpx);
-  EXPECT_GPU_CLOSE(gpx, px, 0.0);
-
-  const Tensor dpx = random_tensor({m, c}, 11);
-  Tensor dx = Tensor::empty({n, c}, DType::kF32);
-  ops::moe_permute_bwd(dpx, positions, dx);
-  const Tensor gdx = poisoned({n, c});
-  ops::moe_permute_bwd(to_gpu(dpx), gpos, gdx);
-  EXPECT_GPU_CLOSE(gdx, dx, kF32Tol);
-
-  const Tensor y = random_tensor({m, c}, 12), weights = random_tensor({n, k}, 13);
-  Tensor out = Tensor::empty({n, c}, DType::kF32);
-  ops::moe_unpermute_fwd(y, positions, weights, out);
-  const Tensor gout = poisoned({n, c});
-  ops::moe_unpermute_fwd(to_gpu(y), gpos, to_gpu(weights), gout);
-  EXPECT_GPU_CLOSE(gout, out, kF32Tol);
-
-  const Tensor dout = random_tensor({n, c}, 14);
-  Tensor dy = Tensor::empty({m, c}, DType::kF32), dw = Tensor::empty({n, k}, DType::kF32);
-  ops::moe_unpermute_bwd(y, positions, weights, dout, dy, dw);
-  const Tensor gdy = poisoned({m, c}), gdw = poisoned({n, k});
-  ops::moe_unpermute_bwd(to_gpu(y), gpos, to_gpu(weights), to_gpu(dout), gdy, gdw);
-  EXPECT_GPU_CLOSE(gdy, dy, kF32Tol);
-  EXPECT_GPU_CLOSE(gdw, dw, kF32Tol);
+  const Tensor gex = to_gpu(experts);
+  const Tensor p1 = poisoned({n, k}, DType::kI32), p2 = poisoned({n, k}, DType::kI32);
+  const Tensor o1 = poisoned({e + 1}, DType::kI64), o2 = poisoned({e + 1}, DType::kI64);
+  ops::moe_plan(gex, e, p1, o1);
+  ops::moe_plan(gex, e, p2, o2);
+  expect_equal_ints(p1, positions, "positions");
+  expect_equal_ints(o1, offsets, "offsets");
+  expect_equal_ints(p2, to_cpu(p1), "positions of a second run");
+  expect_equal_ints(o2, to_cpu(o1), "offsets of a second run");
 }
 
 TEST(GpuMoe, GroupedGemmWithEmptyAndUnevenExperts) {
