@@ -12,6 +12,7 @@
 
 #include "checkpoint/files.h"
 #include "checkpoint/load.h"
+#include "models/device_tensors.h"
 
 namespace moeforge {
 
@@ -41,6 +42,49 @@ const char* kind_name(checkpoint::TensorKind k) {
   }
 }
 
+// checkpoint/ reads and writes parameter values and AdamW state through host pointers. On a GPU
+// run, HostStaging swaps the registry's values and the optimizer state for host copies around a
+// save or a load, then puts the device tensors back (after a load, with the loaded values copied
+// into them). Layers keep Param pointers, never the tensor handles, so the swap is invisible to
+// them. A CPU run stages nothing.
+class HostStaging {
+ public:
+  HostStaging(ParamRegistry& registry, AdamW& adamw) : registry_(registry), adamw_(adamw) {
+    if (registry.device().is_cpu()) return;
+    for (Param& p : registry_.params()) {
+      Saved& s = saved_.emplace_back(Saved{p.value, adamw_.exp_avg(p.spec.name), adamw_.exp_avg_sq(p.spec.name)});
+      p.value = host(s.value);
+      adamw_.exp_avg(p.spec.name) = host(s.exp_avg);
+      adamw_.exp_avg_sq(p.spec.name) = host(s.exp_avg_sq);
+    }
+  }
+  // Puts the device tensors back; with copy_back, first copies the host values (loaded from a
+  // checkpoint) into them. State the loader replaced is moved to the device as it is.
+  void restore(bool copy_back) {
+    size_t i = 0;
+    for (Param& p : registry_.params()) {
+      if (i == saved_.size()) break;
+      Saved& s = saved_[i++];
+      const Device dev = s.value.device();
+      if (copy_back) copy_across(p.value, s.value);
+      p.value = s.value;
+      Tensor& m = adamw_.exp_avg(p.spec.name);
+      Tensor& v = adamw_.exp_avg_sq(p.spec.name);
+      m = copy_back ? on_device(m, dev) : s.exp_avg;
+      v = copy_back ? on_device(v, dev) : s.exp_avg_sq;
+    }
+    saved_.clear();
+  }
+
+ private:
+  struct Saved {
+    Tensor value, exp_avg, exp_avg_sq;
+  };
+  ParamRegistry& registry_;
+  AdamW& adamw_;
+  std::vector<Saved> saved_;  // registry order; empty on a CPU run
+};
+
 }  // namespace
 
 Checkpointing::Checkpointing(const config::RunConfig& run, const ProcessGrid& grid) : run_(run), grid_(grid) {
@@ -64,8 +108,10 @@ void Checkpointing::resume(Trainer& trainer, const std::string& resume) {
     step_dir = checkpoint::resolve_checkpoint(resume);
   }
   const auto start = std::chrono::steady_clock::now();
-  const checkpoint::LoadedState s = checkpoint::load(step_dir, trainer.model().registry(), &trainer.optimizer(), &grid_.pp(),
-                                                         run_.checkpoint().verify_sha256_on_load());
+  HostStaging staging(trainer.model().registry(), trainer.optimizer().adamw());
+  const checkpoint::LoadedState s = checkpoint::load(step_dir, trainer.model().registry(), &trainer.optimizer(),
+                                                     &grid_.pp(), run_.checkpoint().verify_sha256_on_load());
+  staging.restore(/*copy_back=*/true);
   const checkpoint::Manifest& m = s.manifest;
   const int64_t batch = run_.train().global_batch();
   MOE_CHECK(m.data_position() == static_cast<uint64_t>(m.step() * batch),
@@ -102,8 +148,10 @@ void Checkpointing::save(Trainer& trainer) {
   if (last_saved_step_ == trainer.steps_done()) return;
   last_saved_step_ = trainer.steps_done();
   const auto start = std::chrono::steady_clock::now();
+  HostStaging staging(trainer.model().registry(), trainer.optimizer().adamw());
   report(saver_->save({.step = trainer.steps_done(), .data_position = trainer.data_position(), .config = run_},
                       trainer.model().registry(), trainer.optimizer()));
+  staging.restore(/*copy_back=*/false);  // the saver has copied (async) or written (sync) the values
   if (saver_->pending() && grid_.world_rank() == 0) {
     fmt::print("checkpoint: step {} copied in {:.3f} s, writing in the background\n", trainer.steps_done(),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());

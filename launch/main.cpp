@@ -49,7 +49,8 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
   try {
     const auto& p = run.parallel();
     const moeforge::ProcessGrid grid = moeforge::ProcessGrid::create(
-        mpi, moeforge::ParallelSizes{.tp = p.tp(), .pp = p.pp(), .dp = p.dp(), .ep = p.ep()}, p.collective_timeout_s());
+        mpi, moeforge::ParallelSizes{.tp = p.tp(), .pp = p.pp(), .dp = p.dp(), .ep = p.ep()}, p.collective_timeout_s(),
+        moeforge::run_device(run, mpi.world_rank()));
     moeforge::Trainer trainer(run, grid);
     moeforge::Checkpointing checkpointing(run, grid);
     checkpointing.resume(trainer, resume);

@@ -12,6 +12,10 @@
 #include "data/byte_tokenizer.h"
 #include "launch/config.h"
 #include "launch/generate.h"
+#ifdef MOEFORGE_WITH_CUDA
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/device_alloc.h"
+#endif
 
 namespace moeforge {
 
@@ -75,9 +79,28 @@ std::string val_dir(const config::DataConfig& d) {
 
 }  // namespace
 
+Device run_device(const config::RunConfig& run, int world_rank) {
+  const auto& t = run.train();
+  if (t.device() == config::TrainConfig::CPU) return Device::cpu();
+#ifdef MOEFORGE_WITH_CUDA
+  const int gpus = cuda::device_count();
+  MOE_CHECK(gpus > 0, "train.device: CUDA, but no CUDA device is visible to rank {} (check CUDA_VISIBLE_DEVICES "
+            "and the driver)", world_rank);
+  return Device::cuda(world_rank % gpus);
+#else
+  MOE_THROW("train.device: CUDA, but this moeforge was built without the CUDA backend (rebuild with "
+            "-DMOEFORGE_CUDA=ON), rank {}", world_rank);
+#endif
+}
+
 Trainer::Trainer(const config::RunConfig& run, const ProcessGrid& grid) : run_(run), grid_(grid) {
   const auto& t = run_.train();
   if (t.threads() > 0) omp_set_num_threads(t.threads());
+  MOE_CHECK(grid_.device().is_cuda() == (t.device() == config::TrainConfig::CUDA),
+            "Trainer: train.device is {} but the process grid was created for {}",
+            config::TrainConfig::Device_Name(t.device()), grid_.device().str());
+  MOE_CHECK(t.precision() == config::TrainConfig::FP32,
+            "train.precision: BF16 mixed precision is not implemented yet; use FP32 (the GPU's fp32 mode)");
   const ModelConfig mc = model_config_from(run_);
 
   train_data_ = std::make_unique<data::TokenDataset>(run_.data().train(), mc.vocab_size);
@@ -136,7 +159,7 @@ Trainer::PipelineRun Trainer::run_pipeline(int64_t micro_batches, uint64_t first
     if (a.forward) fill(*train_sampler_, first_sample + static_cast<uint64_t>(a.micro_batch * t.micro_batch()));
     Tensor in;
     if (a.forward ? g > 0 : g < G - 1) {  // the input comes from the neighbouring pipeline rank
-      in = Tensor::empty({rows, C}, DType::kF32);
+      in = Tensor::empty({rows, C}, DType::kF32, grid_.device());
       pp.recv(in, a.forward ? (s + P - 1) % P : (s + 1) % P, p2p_tag(g, a.micro_batch, a.forward, m));
     }
     const auto t0 = std::chrono::steady_clock::now();
@@ -213,6 +236,10 @@ StepMetrics Trainer::step() {
   ++step_;
   next_sample_ = static_cast<uint64_t>(step_ * t.global_batch());
   m.step = step_;
+#ifdef MOEFORGE_WITH_CUDA
+  // The optimizer's kernels are still queued: the step's time includes its device work.
+  if (grid_.device().is_cuda()) cuda::synchronize(grid_.device().index);
+#endif
   m.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   m.tokens_per_s = static_cast<double>(t.global_batch() * t.seq_len()) / m.step_seconds;
   return m;
@@ -227,7 +254,7 @@ Tensor Trainer::pipeline_forward(const Tensor& tokens, const Tensor& targets, Ch
   for (int g = s; g < G; g += P) {  // model order: this rank's chunks are g = c * P + s
     Tensor in;
     if (g > 0) {
-      in = Tensor::empty({rows, model_->config().dim}, DType::kF32);
+      in = Tensor::empty({rows, model_->config().dim}, DType::kF32, grid_.device());
       pp.recv(in, (s + P - 1) % P, p2p_tag(g, 0, true, 1));
     }
     const int c = g / P;
@@ -240,7 +267,7 @@ Tensor Trainer::pipeline_forward(const Tensor& tokens, const Tensor& targets, Ch
     }
   }
   pp.wait_sends();
-  if (!loss && P > 1) {  // the last stage's logits, for every rank's sampler
+  if (!loss && P > 1) {  // the last stage's logits (host memory), for every rank's sampler
     if (!out.defined()) out = Tensor::empty({B, T, model_->config().vocab_size}, DType::kF32);
     pp.broadcast(out, (G - 1) % P);
   }
@@ -311,8 +338,16 @@ void Trainer::run(const StepHook& after_step) {
   const bool root = grid_.world_rank() == 0;
   const ModelConfig& mc = model_->config();
   if (root) {
-  fmt::print("moeforge: {} parameters ({} layers, {} experts top-{}, dim {}), {} train tokens{}\n",
-             model_->registry().global_numel(), mc.n_layers, mc.n_experts, mc.top_k, mc.dim, train_data_->size(),
+  // Active per token: every dense parameter, and top_k / n_experts of the routed experts.
+  int64_t active = 0;
+  for (const Param& p : model_->registry().params()) {
+    if (p.spec.replica) continue;
+    const int64_t n = p.spec.global_shape.numel();
+    active += p.spec.expert ? n / mc.n_experts * mc.top_k : n;
+  }
+  fmt::print("moeforge: {} parameters, {} active per token ({} layers, {} experts top-{}, dim {}) on {}, {} train tokens{}\n",
+             model_->registry().global_numel(), active, mc.n_layers, mc.n_experts, mc.top_k, mc.dim,
+             grid_.device().is_cuda() ? "cuda" : "cpu", train_data_->size(),
              val_data_ ? fmt::format(", {} validation tokens", val_data_->size()) : std::string(", no validation split"));
   const std::string pipeline =
       grid_.pp().size() > 1 ? fmt::format(" x pp {} ({}, {} chunks)", grid_.pp().size(), schedule_name(schedule_kind_),

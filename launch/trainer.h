@@ -19,6 +19,11 @@
 // the micro-batches and the DP ranks, so every rank holds the global batch's loads; they feed the
 // aux-loss-free bias update and, on logged steps, a console line and per-layer scalars
 // (moe/layer{i}/tokens_min, tokens_max, tokens_cv, dropped_fraction).
+//
+// Device (train.device): the model, its gradients and the optimizer state live on grid.device().
+// The data loader fills host buffers (tokens_, targets_); the model copies each micro-batch's ids
+// to the device; pipeline messages travel on the device (NCCL); losses, loads and metrics are host
+// values.
 #pragma once
 
 #include <chrono>
@@ -63,9 +68,17 @@ struct StepMetrics {
   int64_t max_in_flight = 0;
 };
 
+// The device this rank computes on for train.device: the CPU, or for CUDA the GPU
+// (world_rank % visible GPUs) — ranks are placed on a node's GPUs in rank order. Throws an Error
+// naming train.device when CUDA is asked of a build without the CUDA backend or of a machine with
+// no visible GPU. The ProcessGrid is created for this device (main.cpp), and the Trainer runs the
+// model there.
+Device run_device(const config::RunConfig& run, int world_rank);
+
 class Trainer {
  public:
-  // Opens the datasets, builds and initialises the model. Throws Error on bad data paths.
+  // Opens the datasets, builds and initialises the model on grid.device(), which must be the
+  // device train.device asks for. Throws Error on bad data paths.
   Trainer(const config::RunConfig& run, const ProcessGrid& grid);
 
   // Runs train.steps steps with evaluation, logging and the final sample.

@@ -47,6 +47,8 @@ InferenceModel::InferenceModel(const ModelConfig& cfg, const ParamRegistry& reg,
     : cfg_(cfg), max_pos_(max_positions) {
   cfg_.validate();
   MOE_CHECK(max_positions > 0, "InferenceModel: max_positions must be positive, got {}", max_positions);
+  MOE_CHECK(reg.device().is_cpu(), "InferenceModel: the registry is on {}; KV-cache inference runs on the CPU "
+            "(load the checkpoint into a CPU registry)", reg.device().str());
   const int64_t C = cfg.dim, V = cfg.vocab_size, D = cfg.head_dim, E = cfg.n_experts, F = cfg.expert_hidden;
   const int64_t HD = cfg.n_heads * D, KD = cfg.n_kv_heads * D;
   embed_ = param(reg, "embed.weight", {V, C});

@@ -5,6 +5,8 @@
 
 #include <fmt/format.h>
 
+#include "models/device_tensors.h"
+
 namespace moeforge {
 
 MoeBlock::MoeBlock(const ModelConfig& cfg, ParamRegistry& reg, const ProcessGrid& grid, int layer)
@@ -34,15 +36,20 @@ MoeBlock::MoeBlock(const ModelConfig& cfg, ParamRegistry& reg, const ProcessGrid
 }
 
 namespace {
-double scalar(const Tensor& t) { return static_cast<double>(t.to_floats().at(0)); }
+// A 1-element loss read on the host (a copy from a GPU).
+double scalar(const Tensor& t) { return static_cast<double>(host(t).to_floats().at(0)); }
 }  // namespace
 
 Tensor MoeBlock::apply_capacity(MoeActs& a) const {
   const int64_t N = a.experts.dim(0), K = cfg_.top_k, E = cfg_.n_experts;
   const int tp = tp_.size(), me = tp_.rank();
+  const Device dev = a.experts.device();
+  // The ranking is computed on the host from the selected experts (a copy from a GPU); the
+  // counts travel over TP as host tensors.
+  const Tensor experts = host(a.experts);
   // counts (tp, K, E): copies per (slot, expert) of every TP rank's rows.
   const Tensor mine = Tensor::zeros({K, E}, DType::kI64);
-  const int32_t* ex = a.experts.data<int32_t>();
+  const int32_t* ex = experts.data<int32_t>();
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) ++mine.data<int64_t>()[k * E + ex[n * K + k]];
   Tensor all = mine;
@@ -55,7 +62,7 @@ Tensor MoeBlock::apply_capacity(MoeActs& a) const {
   // base[k, e]: copies of e ranked before this rank's slot-k copies (earlier slots of every rank,
   // then slot k of lower TP ranks).
   const Tensor base = Tensor::zeros({K, E}, DType::kI64);
-  a.counts = Tensor::zeros({E}, DType::kI64);
+  const Tensor counts = Tensor::zeros({E}, DType::kI64);
   for (int64_t e = 0; e < E; ++e) {
     int64_t before = 0;
     for (int64_t k = 0; k < K; ++k) {
@@ -67,63 +74,70 @@ Tensor MoeBlock::apply_capacity(MoeActs& a) const {
       base.data<int64_t>()[k * E + e] = before + lower;
       before += slot_total;
     }
-    a.counts.data<int64_t>()[e] = before;
+    counts.data<int64_t>()[e] = before;
   }
+  a.counts_host = counts;
+  a.counts = on_device(counts, dev);
   const double exact = static_cast<double>(cfg_.capacity_factor) * static_cast<double>(a.tokens * K) /
                        static_cast<double>(E);
   const auto capacity = static_cast<int64_t>(std::ceil(exact));
   a.dropped = 0;
-  for (int64_t e = 0; e < E; ++e) a.dropped += std::max<int64_t>(0, a.counts.data<int64_t>()[e] - capacity);
-  const Tensor dispatch = Tensor::empty({N, K}, DType::kI32);
-  ops::moe_apply_capacity(a.experts, capacity, base, dispatch);
+  for (int64_t e = 0; e < E; ++e) a.dropped += std::max<int64_t>(0, counts.data<int64_t>()[e] - capacity);
+  const Tensor dispatch = Tensor::empty({N, K}, DType::kI32, dev);
+  ops::moe_apply_capacity(a.experts, capacity, on_device(base, dev), dispatch);
   return dispatch;
 }
 
 void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) const {
   const int64_t N = h_in.dim(0), C = cfg_.dim;
   const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden;
+  const Device dev = h_in.device();  // every activation lives where the input does
   a.h_in = h_in;
-  a.xn = Tensor::empty({N, C}, DType::kF32);
-  a.rstd = Tensor::empty({N}, DType::kF32);
+  a.xn = Tensor::empty({N, C}, DType::kF32, dev);
+  a.rstd = Tensor::empty({N}, DType::kF32, dev);
   ops::rmsnorm_fwd(h_in, norm_->value, cfg_.norm_eps, a.xn, a.rstd);
 
   // Routing.
-  a.logits = Tensor::empty({N, E}, DType::kF32);
+  a.logits = Tensor::empty({N, E}, DType::kF32, dev);
   ops::gemm(a.xn, false, router_->value, true, a.logits);
-  a.weights = Tensor::empty({N, K}, DType::kF32);
-  a.experts = Tensor::empty({N, K}, DType::kI32);
-  a.probs = Tensor::empty({N, E}, DType::kF32);
+  a.weights = Tensor::empty({N, K}, DType::kF32, dev);
+  a.experts = Tensor::empty({N, K}, DType::kI32, dev);
+  a.probs = Tensor::empty({N, E}, DType::kF32, dev);
   ops::router_fwd(a.logits, cfg_.gating, static_cast<int>(K), bias_ ? bias_->value : Tensor(), a.weights, a.experts,
                   a.probs);
   a.tokens = N * tp_.size();
   const Tensor dispatch = cfg_.capacity_factor > 0.0f ? apply_capacity(a) : a.experts;
-  a.positions = Tensor::empty({N, K}, DType::kI32);
-  const Tensor offsets = Tensor::empty({E + 1}, DType::kI64);
+  a.positions = Tensor::empty({N, K}, DType::kI32, dev);
+  const Tensor offsets = Tensor::empty({E + 1}, DType::kI64, dev);
   ops::moe_plan(dispatch, static_cast<int>(E), a.positions, offsets);
+  // The plan's group sizes size the buffers below and the EP exchange: read on the host.
+  const Tensor offsets_host = host(offsets);
+  const int64_t* off = offsets_host.data<int64_t>();
   if (cfg_.capacity_factor <= 0.0f) {  // dropless: the plan's counts, summed over the micro-batch
-    a.counts = Tensor::empty({E}, DType::kI64);
-    for (int64_t e = 0; e < E; ++e)
-      a.counts.data<int64_t>()[e] = offsets.data<int64_t>()[e + 1] - offsets.data<int64_t>()[e];
-    tp_.all_reduce(a.counts);
+    const Tensor counts = Tensor::empty({E}, DType::kI64);
+    for (int64_t e = 0; e < E; ++e) counts.data<int64_t>()[e] = off[e + 1] - off[e];
+    tp_.all_reduce(counts);
+    a.counts_host = counts;
+    a.counts = on_device(counts, dev);
     a.dropped = 0;
   }
 
-  const Tensor loss = Tensor::empty({1}, DType::kF32);
+  const Tensor loss = Tensor::empty({1}, DType::kF32, dev);
   ops::moe_aux_loss_fwd(a.probs, a.counts, static_cast<int>(K), a.tokens, loss);
   a.aux = scalar(loss);
   ops::router_z_loss_fwd(a.logits, a.tokens, loss);
   a.z = scalar(loss);
 
   // Routed experts: permute, dispatch over EP, grouped SwiGLU, bring back, combine.
-  const Tensor xp = Tensor::empty({offsets.data<int64_t>()[E], C}, DType::kF32);
+  const Tensor xp = Tensor::empty({off[E], C}, DType::kF32, dev);
   ops::moe_permute_fwd(a.xn, a.positions, xp);
   a.plan = plan_dispatch(ep_, offsets);
   a.xl = to_experts(ep_, a.plan, xp);
   const int64_t R = a.xl.dim(0);
-  a.gate = Tensor::empty({R, F}, DType::kF32);
-  a.up = Tensor::empty({R, F}, DType::kF32);
-  a.act = Tensor::empty({R, F}, DType::kF32);
-  const Tensor yl = Tensor::empty({R, C}, DType::kF32);
+  a.gate = Tensor::empty({R, F}, DType::kF32, dev);
+  a.up = Tensor::empty({R, F}, DType::kF32, dev);
+  a.act = Tensor::empty({R, F}, DType::kF32, dev);
+  const Tensor yl = Tensor::empty({R, C}, DType::kF32, dev);
   ops::grouped_gemm_fwd(a.xl, w1_->value, a.plan.local_offsets, a.gate);
   ops::grouped_gemm_fwd(a.xl, w3_->value, a.plan.local_offsets, a.up);
   ops::swiglu_fwd(a.gate, a.up, a.act);
@@ -135,9 +149,9 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
 
   if (s_w1_) {
     const int64_t SF = s_w1_->value.dim(0);
-    a.s_gate = Tensor::empty({N, SF}, DType::kF32);
-    a.s_up = Tensor::empty({N, SF}, DType::kF32);
-    a.s_act = Tensor::empty({N, SF}, DType::kF32);
+    a.s_gate = Tensor::empty({N, SF}, DType::kF32, dev);
+    a.s_up = Tensor::empty({N, SF}, DType::kF32, dev);
+    a.s_act = Tensor::empty({N, SF}, DType::kF32, dev);
     ops::gemm(a.xn, false, s_w1_->value, true, a.s_gate);
     ops::gemm(a.xn, false, s_w3_->value, true, a.s_up);
     ops::swiglu_fwd(a.s_gate, a.s_up, a.s_act);
@@ -150,24 +164,25 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
   const int64_t N = a.xn.dim(0), C = cfg_.dim;
   const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden;
   const int64_t R = a.xl.dim(0);
+  const Device dev = dh_out.device();
   const Tensor& dy_out = dh_out;
-  const Tensor dxn = Tensor::empty({N, C}, DType::kF32);
+  const Tensor dxn = Tensor::empty({N, C}, DType::kF32, dev);
 
   // Combine: out = sum_k w[n,k] y[pos(n,k)] over the kept copies.
-  const Tensor dy = Tensor::empty(a.y.shape(), DType::kF32);
-  const Tensor dweights = Tensor::empty({N, K}, DType::kF32);
+  const Tensor dy = Tensor::empty(a.y.shape(), DType::kF32, dev);
+  const Tensor dweights = Tensor::empty({N, K}, DType::kF32, dev);
   ops::moe_unpermute_bwd(a.y, a.positions, a.weights, dy_out, dy, dweights);
 
   // Experts, in reverse: y = act · w2ᵀ, act = swiglu(gate, up), gate = xl · w1ᵀ, up = xl · w3ᵀ,
   // with the EP exchange transposed around them.
   const Tensor dyl = to_experts(ep_, a.plan, dy);
-  const Tensor dact = Tensor::empty({R, F}, DType::kF32);
+  const Tensor dact = Tensor::empty({R, F}, DType::kF32, dev);
   ops::grouped_gemm_bwd(a.act, w2_->value, a.plan.local_offsets, dyl, dact, w2_->grad);
-  const Tensor dgate = Tensor::empty({R, F}, DType::kF32);
-  const Tensor dup = Tensor::empty({R, F}, DType::kF32);
+  const Tensor dgate = Tensor::empty({R, F}, DType::kF32, dev);
+  const Tensor dup = Tensor::empty({R, F}, DType::kF32, dev);
   ops::swiglu_bwd(a.gate, a.up, dact, dgate, dup);
-  const Tensor dxl = Tensor::empty({R, C}, DType::kF32);
-  const Tensor dxl_up = Tensor::empty({R, C}, DType::kF32);
+  const Tensor dxl = Tensor::empty({R, C}, DType::kF32, dev);
+  const Tensor dxl_up = Tensor::empty({R, C}, DType::kF32, dev);
   ops::grouped_gemm_bwd(a.xl, w1_->value, a.plan.local_offsets, dgate, dxl, w1_->grad);
   ops::grouped_gemm_bwd(a.xl, w3_->value, a.plan.local_offsets, dup, dxl_up, w3_->grad);
   ops::add_(dxl, dxl_up);
@@ -176,10 +191,10 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
   // Router: the combine weights' gradient, the aux loss through probs, the z-loss on logits.
   Tensor dprobs;  // undefined when the aux loss is off: router_bwd then skips that path
   if (cfg_.aux_loss_coef > 0.0f) {
-    dprobs = Tensor::empty({N, E}, DType::kF32);
+    dprobs = Tensor::empty({N, E}, DType::kF32, dev);
     ops::moe_aux_loss_bwd(a.probs, a.counts, static_cast<int>(K), a.tokens, loss_scale * cfg_.aux_loss_coef, dprobs);
   }
-  const Tensor dlogits = Tensor::empty({N, E}, DType::kF32);
+  const Tensor dlogits = Tensor::empty({N, E}, DType::kF32, dev);
   ops::router_bwd(a.logits, cfg_.gating, a.experts, dweights, dprobs, dlogits);
   if (cfg_.z_loss_coef > 0.0f) ops::router_z_loss_bwd(a.logits, a.tokens, loss_scale * cfg_.z_loss_coef, dlogits);
   ops::gemm(dlogits, false, router_->value, false, dxn, /*accumulate=*/true);
@@ -187,11 +202,11 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
 
   if (s_w1_) {
     const int64_t SF = s_w1_->value.dim(0);
-    const Tensor ds_act = Tensor::empty({N, SF}, DType::kF32);
+    const Tensor ds_act = Tensor::empty({N, SF}, DType::kF32, dev);
     ops::gemm(dy_out, false, s_w2_->value, false, ds_act);
     ops::gemm(dy_out, true, a.s_act, false, s_w2_->grad, true);
-    const Tensor ds_gate = Tensor::empty({N, SF}, DType::kF32);
-    const Tensor ds_up = Tensor::empty({N, SF}, DType::kF32);
+    const Tensor ds_gate = Tensor::empty({N, SF}, DType::kF32, dev);
+    const Tensor ds_up = Tensor::empty({N, SF}, DType::kF32, dev);
     ops::swiglu_bwd(a.s_gate, a.s_up, ds_act, ds_gate, ds_up);
     ops::gemm(ds_gate, false, s_w1_->value, false, dxn, true);
     ops::gemm(ds_up, false, s_w3_->value, false, dxn, true);
@@ -209,11 +224,13 @@ void MoeBlock::update_bias(const int64_t* load) {
   double mean = 0.0;
   for (int64_t e = 0; e < E; ++e) mean += static_cast<double>(load[e]);
   mean /= static_cast<double>(E);
-  float* b = bias_->value.data<float>();
+  const Tensor bias = host(bias_->value);  // the bias itself on the CPU; a copy of a GPU's
+  float* b = bias.data<float>();
   for (int64_t e = 0; e < E; ++e) {
     const double err = mean - static_cast<double>(load[e]);
     b[e] += cfg_.expert_bias_update_rate * static_cast<float>((err > 0.0) - (err < 0.0));
   }
+  if (!bias_->value.device().is_cpu()) copy_across(bias, bias_->value);
 }
 
 }  // namespace moeforge

@@ -30,6 +30,10 @@
 // statistics are made global by summing the per-expert counts over the TP group, and the losses
 // computed from local rows are partial sums the model adds up over TP.
 //
+// Devices (models/device_tensors.h): the block runs on the device of its input. The host reads
+// the per-expert counts (they size the buffers and the EP exchange; capacity ranks them), the two
+// router losses, and updates the expert bias; each is one explicit copy on a GPU.
+//
 // Gradient rule: parameter gradients accumulate (+=), activation gradients are written (=).
 #pragma once
 
@@ -41,7 +45,8 @@
 namespace moeforge {
 
 // What forward saves for backward. N = Nl local token rows here, M <= N*K kept token copies,
-// R the copies this rank's experts received over the EP group.
+// R the copies this rank's experts received over the EP group. Tensors live on the device of the
+// block's input, except counts_host.
 struct MoeActs {
   Tensor h_in;       // (N, C)
   Tensor xn;         // (N, C)
@@ -52,6 +57,7 @@ struct MoeActs {
   Tensor probs;      // (N, E) distribution used by the aux loss
   Tensor positions;  // (N, K) i32 row of each copy in the expert-grouped buffer, -1 if dropped
   Tensor counts;     // (E) i64 copies routed to each expert over the whole micro-batch (before drops)
+  Tensor counts_host;  // the same counts on the host (loads); the same tensor as counts on the CPU
   int64_t tokens = 0;   // tokens of the whole micro-batch (N * tp)
   int64_t dropped = 0;  // copies of the whole micro-batch dropped by the capacity
   DispatchPlan plan;    // EP exchange; plan.local_offsets (El+1) groups the R rows by local expert

@@ -1,5 +1,6 @@
 #include "models/param_registry.h"
 
+#include "models/device_tensors.h"
 #include "runtime/ops.h"
 
 namespace moeforge {
@@ -25,8 +26,8 @@ Param& ParamRegistry::add(ParamSpec spec) {
     p.slice.offset[spec.shard_dim] = local[spec.shard_dim] * rank;
   }
   const Shape local_shape(std::span<const int64_t>(local.data(), static_cast<size_t>(g.ndim())));
-  p.value = Tensor::zeros(local_shape, DType::kF32);
-  p.grad = Tensor::zeros(local_shape, DType::kF32);
+  p.value = zeros_on(local_shape, DType::kF32, device_);
+  p.grad = zeros_on(local_shape, DType::kF32, device_);
   p.spec = std::move(spec);
   index_.emplace(p.spec.name, params_.size());
   params_.push_back(std::move(p));
@@ -48,7 +49,13 @@ const Param& ParamRegistry::get(std::string_view name) const {
 void ParamRegistry::init(uint64_t seed) {
   for (Param& p : params_) {
     switch (p.spec.init) {
-      case ParamInit::kNormal: init_normal(p.value, seed, p.spec.name, p.slice, p.spec.init_std); break;
+      case ParamInit::kNormal: {
+        // The counter-based RNG runs on the host; a GPU parameter receives a copy of its values.
+        const Tensor values = device_.is_cpu() ? p.value : Tensor::empty(p.value.shape(), DType::kF32);
+        init_normal(values, seed, p.spec.name, p.slice, p.spec.init_std);
+        if (!device_.is_cpu()) copy_across(values, p.value);
+        break;
+      }
       case ParamInit::kOnes: ops::fill(p.value, 1.0f); break;
       case ParamInit::kZeros: ops::fill(p.value, 0.0f); break;
     }

@@ -9,6 +9,8 @@
 // layout starts from the single-rank model's numbers.
 //
 // Parameters have stable addresses for the registry's lifetime (layers keep Param pointers).
+// Values and gradients live on the registry's device (the CPU, or this rank's GPU in a CUDA run);
+// code that reads them on the host copies them first (models/device_tensors.h).
 #pragma once
 
 #include <deque>
@@ -59,13 +61,13 @@ struct ShardLayout {
 struct Param {
   ParamSpec spec;
   ShardSlice slice;  // where `value` sits in the global tensor
-  Tensor value;      // local shard, f32
-  Tensor grad;       // same shape as value; accumulated by backward
+  Tensor value;      // local shard, f32, on the registry's device (the fp32 master weights)
+  Tensor grad;       // same shape and device as value; accumulated by backward
 };
 
 class ParamRegistry {
  public:
-  explicit ParamRegistry(ShardLayout layout = {}) : layout_(layout) {}
+  explicit ParamRegistry(ShardLayout layout = {}, Device device = Device::cpu()) : layout_(layout), device_(device) {}
   ParamRegistry(const ParamRegistry&) = delete;
   ParamRegistry& operator=(const ParamRegistry&) = delete;
 
@@ -80,8 +82,11 @@ class ParamRegistry {
   std::deque<Param>& params() { return params_; }
   const std::deque<Param>& params() const { return params_; }
   const ShardLayout& layout() const { return layout_; }
+  // Where every value and gradient is allocated.
+  Device device() const { return device_; }
 
-  // Fills every value from (seed, name, global index).
+  // Fills every value from (seed, name, global index): the same numbers on every device (normal
+  // values are drawn on the host and copied to a GPU).
   void init(uint64_t seed);
   void zero_grad();
   // Elements of the global parameters (each counted once) and of the local shards.
@@ -90,6 +95,7 @@ class ParamRegistry {
 
  private:
   ShardLayout layout_;
+  Device device_;
   std::deque<Param> params_;
   std::unordered_map<std::string, size_t> index_;
 };

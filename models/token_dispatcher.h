@@ -14,6 +14,10 @@
 // to_experts. plan_dispatch, to_experts and from_experts each issue one all-to-all-v on every
 // member, whatever it sends or receives (zero rows included), so the members never diverge.
 // With ep = 1 all three are the identity and issue nothing.
+//
+// Devices: the rows travel on the device they are on (NCCL for CUDA tensors); the per-expert
+// counts are read on the host (they size the exchange) and exchanged as host tensors, and the
+// plan's regroup and local_offsets are put back on the device of the offsets.
 #pragma once
 
 #include <cstdint>
@@ -29,10 +33,11 @@ struct DispatchPlan {
   std::vector<int64_t> recv_rows;  // (ep) rows this rank receives from each member
   Tensor regroup;                  // (R, 1) i32: row of received row i in the expert-grouped order
   Tensor local_offsets;            // (El + 1) i64 over the R received rows
+  // (both on the device of plan_dispatch's offsets)
   int64_t received() const;        // R
 };
 
-// Collective over ep: offsets (E+1) i64 of this rank's expert-grouped buffer.
+// Collective over ep: offsets (E+1) i64 of this rank's expert-grouped buffer, on any device.
 DispatchPlan plan_dispatch(Comm& ep, const Tensor& offsets);
 // x (M, C), rows grouped by global expert -> (R, C) rows for this rank's experts, grouped by
 // local expert.

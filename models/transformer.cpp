@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "models/device_tensors.h"
 #include "parallel/sequence_parallel.h"
 
 namespace moeforge {
@@ -23,13 +24,10 @@ PipelineSplit resolve_split(const PipelineSplit& s, const ModelConfig& cfg, cons
 
 int64_t bytes_of(const Tensor& t) { return t.defined() ? t.nbytes() : 0; }
 
-// A copy of the (B, T) i32 ids as (B*T): the caller's buffer is refilled for the next
-// micro-batch while this one's backward is still pending.
-Tensor flat_copy(const Tensor& ids) {
-  const Tensor out = Tensor::empty({ids.numel()}, DType::kI32);
-  std::copy_n(ids.data<int32_t>(), ids.numel(), out.data<int32_t>());
-  return out;
-}
+// A copy of the (B, T) i32 ids as (B*T) on the model's device (from the host: the one copy of a
+// micro-batch's ids to a GPU): the caller's buffer is refilled for the next micro-batch while
+// this one's backward is still pending.
+Tensor flat_copy(const Tensor& ids, Device device) { return ids.reshape({ids.numel()}).to_device(device); }
 }  // namespace
 
 MoeTransformer::MoeTransformer(const ModelConfig& cfg, const ProcessGrid& grid, const PipelineSplit& split)
@@ -38,7 +36,7 @@ MoeTransformer::MoeTransformer(const ModelConfig& cfg, const ProcessGrid& grid, 
       split_(resolve_split(split, cfg, grid)),
       stage_(grid.pp().rank()),
       padded_vocab_((cfg.vocab_size + grid.tp().size() - 1) / grid.tp().size() * grid.tp().size()),
-      registry_(shard_layout(grid)) {
+      registry_(shard_layout(grid), grid.device()) {
   cfg_.validate();
   const int64_t C = cfg_.dim, pad = padded_vocab_ - cfg_.vocab_size;
   const bool has_first = first_chunk(0);
@@ -98,8 +96,9 @@ void MoeTransformer::reset_load() { load_ = Tensor::zeros({cfg_.n_layers, cfg_.n
 void MoeTransformer::layer_forward(int i, int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out,
                                    LayerActs& a) const {
   const Layer& l = layer(i);
+  const Device dev = h_in.device();
   a.h_in = h_in;
-  a.h_mid = Tensor::empty(h_in.shape(), DType::kF32);
+  a.h_mid = Tensor::empty(h_in.shape(), DType::kF32, dev);
   l.attn.forward(B, T, h_in, a.h_mid, a.attn);
   if (l.moe) {
     l.moe->forward(a.h_mid, h_out, a.moe);
@@ -119,12 +118,13 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
   MOE_CHECK(N % tp.size() == 0, "MoeTransformer: a micro-batch of {} tokens does not split over {} TP ranks", N,
             tp.size());
   const int64_t Nl = N / tp.size();
+  const Device dev = device();
   Tensor h;
   if (first_chunk(c)) {
     // Vocab-parallel embedding: each rank fills the rows of its vocabulary shard, the scatter sums
     // the shards and leaves each rank its token rows.
-    a.tokens = flat_copy(tokens);
-    const Tensor emb = Tensor::empty({N, C}, DType::kF32);
+    a.tokens = flat_copy(tokens, dev);
+    const Tensor emb = Tensor::empty({N, C}, DType::kF32, dev);
     ops::embedding_fwd(a.tokens, embed_->value, emb, vocab_start(), cfg_.vocab_size);
     h = scatter_rows(tp, emb);
   } else {
@@ -138,14 +138,14 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
   a.layers.assign(static_cast<size_t>(end - first), {});
   for (int i = first; i < end; ++i) {
     LayerActs& la = a.layers[static_cast<size_t>(i - first)];
-    const Tensor h_next = Tensor::empty({Nl, C}, DType::kF32);
+    const Tensor h_next = Tensor::empty({Nl, C}, DType::kF32, dev);
     layer_forward(i, a.batch, a.seq, h, h_next, la);
     if (layer(i).moe) {
       loss.aux += la.moe.aux;
       loss.z += la.moe.z;
       if (keep) {
         int64_t* row = load_.data<int64_t>() + i * (E + 1);
-        for (int64_t e = 0; e < E; ++e) row[e] += la.moe.counts.data<int64_t>()[e];
+        for (int64_t e = 0; e < E; ++e) row[e] += la.moe.counts_host.data<int64_t>()[e];
         row[E] += la.moe.dropped;
       }
     }
@@ -160,14 +160,16 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
 
 Tensor MoeTransformer::final_norm(const Tensor& h, ChunkActs& a) const {
   a.h_final = h;
-  const Tensor f_local = Tensor::empty(h.shape(), DType::kF32);
-  a.f_rstd = Tensor::empty({h.dim(0)}, DType::kF32);
+  const Device dev = h.device();
+  const Tensor f_local = Tensor::empty(h.shape(), DType::kF32, dev);
+  a.f_rstd = Tensor::empty({h.dim(0)}, DType::kF32, dev);
   ops::rmsnorm_fwd(h, final_norm_->value, cfg_.norm_eps, f_local, a.f_rstd);
   return gather_rows(grid_.tp(), f_local);
 }
 
 Tensor MoeTransformer::head_logits(const Tensor& f) const {
-  const Tensor logits = Tensor::empty({f.dim(0), head().value.dim(0)}, DType::kF32);
+  const Device dev = f.device();
+  const Tensor logits = Tensor::empty({f.dim(0), head().value.dim(0)}, DType::kF32, dev);
   ops::gemm(f, false, head().value, true, logits);
   return logits;
 }
@@ -186,21 +188,24 @@ Tensor MoeTransformer::forward_chunk(int c, int mb, const Tensor& tokens, const 
   MOE_CHECK(targets.shape() == tokens.shape() && targets.dtype() == DType::kI32,
             "MoeTransformer: targets {} must match tokens {}", targets.str(), tokens.str());
   Comm& tp = grid_.tp();
+  const Device dev = device();
   const int64_t N = a.batch * a.seq;
-  a.targets = flat_copy(targets);
+  a.targets = flat_copy(targets, dev);
   a.f = final_norm(h, a);
 
   // Vocab-parallel cross-entropy: per-row statistics of each shard, combined on every rank.
   a.logits = head_logits(a.f);
-  const Tensor partial = Tensor::empty({N, 3}, DType::kF32);
+  const Tensor partial = Tensor::empty({N, 3}, DType::kF32, dev);
   ops::cross_entropy_partial_fwd(a.logits, a.targets, vocab_start(), vocab_valid(), partial);
   const Tensor partials = gather_rows(tp, partial).reshape({tp.size(), N, 3});
-  const Tensor losses = Tensor::empty({N}, DType::kF32);
-  a.lse = Tensor::empty({N}, DType::kF32);
+  const Tensor losses = Tensor::empty({N}, DType::kF32, dev);
+  a.lse = Tensor::empty({N}, DType::kF32, dev);
   ops::cross_entropy_combine(partials, a.targets, cfg_.vocab_size, losses, a.lse);
 
-  const std::vector<float> per_row = losses.to_floats();
-  const int32_t* tgt = a.targets.data<int32_t>();
+  // The mean over counted rows is formed on the host, in double (a copy of N losses from a GPU).
+  const std::vector<float> per_row = host(losses).to_floats();
+  const Tensor targets_host = host(targets);
+  const int32_t* tgt = targets_host.data<int32_t>();
   double sum = 0.0;
   a.counted = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -220,9 +225,10 @@ Tensor MoeTransformer::backward_chunk(int c, int mb, const Tensor& dh_out, float
             mb);
   ChunkActs& a = it->second;
   Comm& tp = grid_.tp();
+  const Device dev = device();
   const int64_t C = cfg_.dim, N = a.batch * a.seq, Nl = N / tp.size();
 
-  Tensor dh = Tensor::empty({Nl, C}, DType::kF32);
+  Tensor dh = Tensor::empty({Nl, C}, DType::kF32, dev);
   if (last_chunk(c)) {
     // Head: logits = f · Wᵀ over this rank's vocabulary rows. The CE gradient overwrites the
     // logits buffer in place; df is partial over vocabulary shards, summed by the scatter.
@@ -230,7 +236,7 @@ Tensor MoeTransformer::backward_chunk(int c, int mb, const Tensor& dh_out, float
     ops::cross_entropy_bwd(a.logits, a.targets, a.lse, scale, a.logits, vocab_start(), vocab_valid());
     const Param& w = head();
     ops::gemm(a.logits, true, a.f, false, w.grad, /*accumulate=*/true);
-    const Tensor df = Tensor::empty({N, C}, DType::kF32);
+    const Tensor df = Tensor::empty({N, C}, DType::kF32, dev);
     ops::gemm(a.logits, false, w.value, false, df);
     a.logits = Tensor();
     ops::rmsnorm_bwd(a.h_final, final_norm_->value, a.f_rstd, scatter_rows(tp, df), dh, final_norm_->grad);
@@ -242,12 +248,12 @@ Tensor MoeTransformer::backward_chunk(int c, int mb, const Tensor& dh_out, float
   }
 
   const auto [first, end] = chunk_range(c);
-  Tensor dh_prev = Tensor::empty({Nl, C}, DType::kF32);
-  const Tensor dh_mid = Tensor::empty({Nl, C}, DType::kF32);
+  Tensor dh_prev = Tensor::empty({Nl, C}, DType::kF32, dev);
+  const Tensor dh_mid = Tensor::empty({Nl, C}, DType::kF32, dev);
   for (int i = end - 1; i >= first; --i) {
     LayerActs& la = a.layers[static_cast<size_t>(i - first)];
     if (cfg_.recompute) {
-      const Tensor scratch = Tensor::empty(la.h_in.shape(), DType::kF32);
+      const Tensor scratch = Tensor::empty(la.h_in.shape(), DType::kF32, dev);
       layer_forward(i, a.batch, a.seq, la.h_in, scratch, la);
     }
     const Layer& l = layer(i);
@@ -337,10 +343,10 @@ Tensor MoeTransformer::logits_chunk(int c, const Tensor& tokens, const Tensor& h
             "MoeTransformer::logits: tokens must be (B, T) i32, got {}", tokens.str());
   const int64_t B = tokens.dim(0), T = tokens.dim(1), Tp = padded_length(B, T);
   Tensor input = tokens;
-  if (Tp != T) {
+  if (Tp != T) {  // padded on the host
+    const Tensor ids = host(tokens);
     input = Tensor::zeros({B, Tp}, DType::kI32);
-    for (int64_t b = 0; b < B; ++b)
-      std::copy_n(tokens.data<int32_t>() + b * T, T, input.data<int32_t>() + b * Tp);
+    for (int64_t b = 0; b < B; ++b) std::copy_n(ids.data<int32_t>() + b * T, T, input.data<int32_t>() + b * Tp);
   }
   ChunkActs a;
   ChunkLoss unused;
@@ -349,7 +355,8 @@ Tensor MoeTransformer::logits_chunk(int c, const Tensor& tokens, const Tensor& h
   const Tensor f = final_norm(h, a);
   const Tensor local = head_logits(f);  // (N, Vl)
   const int64_t N = f.dim(0), Vl = local.dim(1), V = cfg_.vocab_size;
-  const Tensor shards = gather_rows(tp, local).reshape({tp.size(), N, Vl});  // one block per vocab shard
+  // One block per vocab shard, rearranged on the host: the logits are returned in host memory.
+  const Tensor shards = host(gather_rows(tp, local)).reshape({tp.size(), N, Vl});
   const Tensor out = Tensor::empty({B, T, V}, DType::kF32);
   const float* src = shards.data<float>();
   float* dst = out.data<float>();

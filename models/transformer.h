@@ -22,6 +22,11 @@
 // is head-parallel (models/attention.h); the MoE block runs whole experts on local rows
 // (models/moe_block.h). Expert parallelism (ep = grid.ep().size()): each MoE layer's experts are
 // split over the EP group and its tokens travel through the token dispatcher.
+//
+// Device: the model runs on grid.device() (models/device_tensors.h). Parameters, gradients and
+// activations live there; tokens and targets may be passed on any device (host buffers of the
+// data loader: the ids are copied to the device once per micro-batch and chunk); the losses, the
+// expert loads and logits() come back on the host.
 #pragma once
 
 #include <map>
@@ -69,6 +74,8 @@ class MoeTransformer {
   // The vocabulary rounded up to a multiple of tp (rows of the embedding and LM head).
   int64_t padded_vocab() const { return padded_vocab_; }
   const PipelineSplit& split() const { return split_; }
+  // Where parameters and activations live (grid.device()).
+  Device device() const { return registry_.device(); }
 
   // ---- pipeline interface: chunk c = 0..v-1 of this rank ----
   int chunks() const { return split_.virtual_stages; }
@@ -113,7 +120,7 @@ class MoeTransformer {
   // its activations. Gradient accumulation over micro-batches passes 1 / micro_batches.
   void backward(float loss_scale = 1.0f);
   // Next-token logits (B, T, V) for tokens (B, T) i32, on every TP rank, without keeping anything
-  // for backward.
+  // for backward. The logits are host memory whatever the model's device.
   Tensor logits(const Tensor& tokens);
   // Chunk c's part of logits(): h_in from the previous chunk for a non-first chunk; returns the
   // output (Nl', C) of a non-last chunk or the logits (B, T, V) of the last chunk (on every TP

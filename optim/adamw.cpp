@@ -1,6 +1,12 @@
 #include "optim/adamw.h"
 
 #include <cmath>
+#include <vector>
+
+#include "models/device_tensors.h"
+#ifdef MOEFORGE_WITH_CUDA
+#include "runtime/cuda/adamw.h"
+#endif
 
 namespace moeforge {
 namespace {
@@ -51,8 +57,7 @@ AdamW::AdamW(ParamRegistry& registry, AdamWOptions options, const std::function<
               "AdamW: owned range [{}, {}) of {} is outside its {} elements", r.begin, r.end, p.spec.name,
               p.value.numel());
     const Shape shape = r.size() == p.value.numel() ? p.value.shape() : Shape{r.size()};
-    state_.push_back({r, Tensor::zeros(shape, DType::kF32, p.value.device()),
-                      Tensor::zeros(shape, DType::kF32, p.value.device())});
+    state_.push_back({r, zeros_on(shape, DType::kF32, p.value.device()), zeros_on(shape, DType::kF32, p.value.device())});
   }
 }
 
@@ -76,25 +81,48 @@ void AdamW::step(float lr) {
       .eps = options_.eps,
   };
 
+#ifdef MOEFORGE_WITH_CUDA
+  std::vector<cuda::AdamWEntry> device_entries;  // GPU parameters: one multi-tensor launch
+#endif
   for (size_t i = 0; i < params.size(); ++i) {
     Param& p = params[i];
     State& s = state_[i];
-    // The CUDA multi-tensor AdamW belongs in runtime/cuda; until it exists only host memory works.
-    MOE_CHECK(p.value.device().is_cpu() && p.grad.device().is_cpu(),
-              "AdamW::step: parameter {} is on {}; only the CPU update is implemented", p.spec.name,
-              p.value.device().str());
-    MOE_CHECK(p.grad.shape() == p.value.shape(), "AdamW::step: parameter {} has shape {} but its gradient {}",
-              p.spec.name, p.value.shape().str(), p.grad.shape().str());
+    const Device dev = p.value.device();
+    MOE_CHECK(p.grad.shape() == p.value.shape() && p.grad.device() == dev,
+              "AdamW::step: parameter {} is {} but its gradient is {}", p.spec.name, p.value.str(), p.grad.str());
     const Shape state_shape = s.range.size() == p.value.numel() ? p.value.shape() : Shape{s.range.size()};
     for (const Tensor* st : {&s.exp_avg, &s.exp_avg_sq}) {
-      MOE_CHECK(st->defined() && st->dtype() == DType::kF32 && st->shape() == state_shape && st->device().is_cpu(),
-                "AdamW::step: optimizer state of {} is {}, expected f32{} cpu", p.spec.name,
-                st->defined() ? st->str() : "undefined", state_shape.str());
+      MOE_CHECK(st->defined() && st->dtype() == DType::kF32 && st->shape() == state_shape && st->device() == dev,
+                "AdamW::step: optimizer state of {} is {}, expected f32{} {}", p.spec.name,
+                st->defined() ? st->str() : "undefined", state_shape.str(), dev.str());
     }
     const int64_t b = s.range.begin;
-    adamw_update(p.value.data<float>() + b, p.grad.data<float>() + b, s.exp_avg.data<float>(),
-                 s.exp_avg_sq.data<float>(), s.range.size(), c, p.spec.weight_decay);
+    if (dev.is_cpu()) {
+      adamw_update(p.value.data<float>() + b, p.grad.data<float>() + b, s.exp_avg.data<float>(),
+                   s.exp_avg_sq.data<float>(), s.range.size(), c, p.spec.weight_decay);
+      continue;
+    }
+#ifdef MOEFORGE_WITH_CUDA
+    if (s.range.size() == 0) continue;
+    // The owned range as 1-D views of the flattened master weights and gradient; the state is
+    // exactly that range (any shape of range.size() elements: the kernel is elementwise).
+    const auto owned = [&](const Tensor& x) { return x.reshape({x.numel()}).rows(b, s.range.end); };
+    device_entries.push_back({.master = owned(p.value),
+                              .grad = owned(p.grad),
+                              .exp_avg = s.exp_avg,
+                              .exp_avg_sq = s.exp_avg_sq,
+                              .param_bf16 = Tensor(),
+                              .weight_decay = p.spec.weight_decay});
+#else
+    MOE_THROW("AdamW::step: parameter {} is on {}, but moeforge was built without CUDA", p.spec.name, dev.str());
+#endif
   }
+#ifdef MOEFORGE_WITH_CUDA
+  // runtime/cuda/adamw.cu applies the formula of adamw_update above to each element, with the
+  // same f32 coefficients (launch::AdamWCoefficients has these fields, in this order).
+  cuda::adamw_step(device_entries, cuda::AdamWCoefficients{c.decay, c.beta1, c.one_minus_beta1, c.beta2,
+                                                           c.one_minus_beta2, c.step_size, c.bias2_sqrt, c.eps});
+#endif
   steps_ += 1;
 }
 

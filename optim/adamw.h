@@ -12,7 +12,11 @@
 //
 // State lives in model coordinates: for each parameter an f32 exp_avg (m) and exp_avg_sq (v) of
 // the parameter's local shape, reachable by its canonical name, so checkpoints store and reshard
-// them like the parameters themselves. On CPU the registry's values are the fp32 master weights.
+// them like the parameters themselves. The registry's values are the fp32 master weights.
+//
+// Devices: the state lives on the device of its parameter. CPU parameters are updated by the loop
+// in adamw.cpp; CUDA parameters by one multi-tensor launch (runtime/cuda/adamw.h) with the same
+// formula and the same f32 coefficients.
 //
 // Sharded state (ZeRO-1): an optional `owned` function gives, per parameter, the range of its
 // flattened local elements this rank updates ([0, numel) by default; an empty range is allowed).

@@ -2,11 +2,16 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
+#include "models/device_tensors.h"
 #include "runtime/ops.h"
 
 namespace moeforge {
+
+namespace {
+// The flattened elements [begin, end) of t, as a 1-D view (any device).
+Tensor flat_rows(const Tensor& t, int64_t begin, int64_t end) { return t.reshape({t.numel()}).rows(begin, end); }
+}  // namespace
 
 void DistributedOptimizer::Flat::build(Comm& g) {
   group = &g;
@@ -25,35 +30,41 @@ void DistributedOptimizer::Flat::reduce_scatter(float scale) const {
     for (Param* p : params) ops::scale_(p->grad, scale);
     return;
   }
-  const Tensor flat = Tensor::zeros({size}, DType::kF32);
-  for (size_t i = 0; i < params.size(); ++i)
-    std::memcpy(flat.data<float>() + offset[i], params[i]->grad.data<float>(), params[i]->grad.nbytes());
-  const Tensor mine = Tensor::empty({chunk}, DType::kF32);
+  // The flat buffers live on the parameters' device; the copies are the catalog's (memcpy on
+  // the CPU, device-to-device on a GPU).
+  const Device dev = params.front()->grad.device();
+  const Tensor flat = zeros_on({size}, DType::kF32, dev);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor& g = params[i]->grad;
+    ops::copy(flat_rows(g, 0, g.numel()), flat.rows(offset[i], offset[i] + g.numel()));
+  }
+  const Tensor mine = Tensor::empty({chunk}, DType::kF32, dev);
   group->reduce_scatter(flat, mine);
   ops::scale_(mine, scale);
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t lo = std::clamp(begin - offset[i], int64_t{0}, params[i]->grad.numel());
     const int64_t hi = std::clamp(begin + chunk - offset[i], int64_t{0}, params[i]->grad.numel());
     if (hi > lo)
-      std::memcpy(params[i]->grad.data<float>() + lo, mine.data<float>() + offset[i] + lo - begin,
-                  static_cast<size_t>(hi - lo) * sizeof(float));
+      ops::copy(mine.rows(offset[i] + lo - begin, offset[i] + hi - begin), flat_rows(params[i]->grad, lo, hi));
   }
 }
 
 void DistributedOptimizer::Flat::all_gather() const {
   if (params.empty() || group->size() == 1) return;
-  const Tensor mine = Tensor::zeros({chunk}, DType::kF32);
+  const Device dev = params.front()->value.device();
+  const Tensor mine = zeros_on({chunk}, DType::kF32, dev);
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t lo = std::clamp(begin - offset[i], int64_t{0}, params[i]->value.numel());
     const int64_t hi = std::clamp(begin + chunk - offset[i], int64_t{0}, params[i]->value.numel());
     if (hi > lo)
-      std::memcpy(mine.data<float>() + offset[i] + lo - begin, params[i]->value.data<float>() + lo,
-                  static_cast<size_t>(hi - lo) * sizeof(float));
+      ops::copy(flat_rows(params[i]->value, lo, hi), mine.rows(offset[i] + lo - begin, offset[i] + hi - begin));
   }
-  const Tensor flat = Tensor::empty({size}, DType::kF32);
+  const Tensor flat = Tensor::empty({size}, DType::kF32, dev);
   group->all_gather(mine, flat);
-  for (size_t i = 0; i < params.size(); ++i)
-    std::memcpy(params[i]->value.data<float>(), flat.data<float>() + offset[i], params[i]->value.nbytes());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor& v = params[i]->value;
+    ops::copy(flat.rows(offset[i], offset[i] + v.numel()), flat_rows(v, 0, v.numel()));
+  }
 }
 
 DistributedOptimizer::DistributedOptimizer(ParamRegistry& registry, const ProcessGrid& grid, AdamWOptions options,
@@ -103,7 +114,7 @@ ElementRange DistributedOptimizer::owned(const Param& p) const {
 Tensor DistributedOptimizer::owned_grad(const Param& p) const {
   if (zero_stage_ == 0) return p.grad;
   const ElementRange r = owned(p);
-  return p.grad.reshape({p.grad.numel()}).rows(r.begin, r.end);
+  return flat_rows(p.grad, r.begin, r.end);
 }
 
 void DistributedOptimizer::bucketed_all_reduce(const std::vector<Param*>& params, Comm& group, float scale) {
@@ -119,17 +130,20 @@ void DistributedOptimizer::bucketed_all_reduce(const std::vector<Param*>& params
         n += params[last]->grad.numel();
         ++last;
       }
-      const Tensor bucket = Tensor::empty({n}, DType::kF32);
-      float* b = bucket.data<float>();
+      // On the gradients' device; the copies are the catalog's (memcpy on the CPU).
+      const Tensor bucket = Tensor::empty({n}, DType::kF32, params[first]->grad.device());
+      int64_t at = 0;
       for (size_t i = first; i < last; ++i) {
-        std::memcpy(b, params[i]->grad.data<float>(), params[i]->grad.nbytes());
-        b += params[i]->grad.numel();
+        const Tensor& g = params[i]->grad;
+        ops::copy(flat_rows(g, 0, g.numel()), bucket.rows(at, at + g.numel()));
+        at += g.numel();
       }
       group.all_reduce(bucket);
-      b = bucket.data<float>();
+      at = 0;
       for (size_t i = first; i < last; ++i) {
-        std::memcpy(params[i]->grad.data<float>(), b, params[i]->grad.nbytes());
-        b += params[i]->grad.numel();
+        const Tensor& g = params[i]->grad;
+        ops::copy(bucket.rows(at, at + g.numel()), flat_rows(g, 0, g.numel()));
+        at += g.numel();
       }
       first = last;
     }

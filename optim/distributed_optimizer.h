@@ -32,6 +32,9 @@
 // the designated holder of (stage 0: rank 0 of the group the gradient is replicated over; ZeRO-1:
 // its own chunks, TP-whole ones on TP rank 0 only; never a tied replica); the sums are then added
 // over the stage and over the pipeline stages.
+// Devices: gradients, flat buffers and buckets live on the registry's device and move over the
+// grid's Comms (NCCL for CUDA tensors); only the grad norm's partial sums of squares come to the
+// host (a double per rank, summed over the groups as host tensors).
 #pragma once
 
 #include <cstdint>

@@ -14,7 +14,13 @@
 //              copies of tied embeddings                         size 2 (1 when pp = 1 or in a
 //                                                                middle stage)
 // Group ranks follow the world order. A group of one member is a SelfComm (no MPI traffic, no
-// deadline); larger ones are MpiComms split from MPI_COMM_WORLD.
+// deadline); larger ones are split from MPI_COMM_WORLD: MpiComms when the run's device is the CPU,
+// NcclComms (parallel/nccl_comm.h: NCCL for CUDA tensors, the group's MpiComm for host tensors)
+// when it is a CUDA device.
+//
+// The run's device (train.device): every rank computes on one device, the CPU or its local GPU
+// (launch/trainer.h: run_device). The grid carries it, so the model, its parameters and the
+// optimizer state are allocated where the grid's communicators move data.
 //
 // The grid's Comms must be destroyed before the MpiRuntime (MPI_Finalize).
 #pragma once
@@ -22,6 +28,7 @@
 #include <memory>
 
 #include "parallel/comm.h"
+#include "runtime/dtype.h"
 
 namespace moeforge {
 
@@ -38,10 +45,16 @@ void check_parallel_sizes(const ParallelSizes& sizes, int world_size);
 class ProcessGrid {
  public:
   // Collective over MPI_COMM_WORLD: checks the sizes against the world size and builds the groups
-  // with MPI_Comm_split. collective_timeout_s: the deadline of every blocking call, > 0.
-  static ProcessGrid create(const MpiRuntime& mpi, const ParallelSizes& sizes, double collective_timeout_s);
+  // with MPI_Comm_split. collective_timeout_s: the deadline of every blocking call, > 0. device:
+  // this rank's compute device (NcclComm groups for a CUDA device; an Error in a build without
+  // CUDA).
+  static ProcessGrid create(const MpiRuntime& mpi, const ParallelSizes& sizes, double collective_timeout_s,
+                            Device device = Device::cpu());
   // World size 1 without MPI: every group is a SelfComm (unit tests of model code).
-  static ProcessGrid single();
+  static ProcessGrid single(Device device = Device::cpu());
+
+  // The device this rank computes on: parameters, activations and optimizer state live there.
+  Device device() const { return device_; }
 
   Comm& world() const { return *world_; }
   Comm& tp() const { return *tp_; }
@@ -65,6 +78,7 @@ class ProcessGrid {
   ProcessGrid() = default;
 
   ParallelSizes sizes_;
+  Device device_;
   std::shared_ptr<Comm> world_, tp_, dp_, pp_, stage_, ep_, expert_dp_, embed_;
 };
 
