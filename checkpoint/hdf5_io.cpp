@@ -148,7 +148,8 @@ H5File H5File::open(const std::string& path) {
   return H5File(id, path);
 }
 
-H5File::H5File(H5File&& other) noexcept : id_(other.id_), fd_(other.fd_), path_(std::move(other.path_)) {
+H5File::H5File(H5File&& other) noexcept
+    : id_(other.id_), fd_(other.fd_), path_(std::move(other.path_)), slots_(std::move(other.slots_)) {
   other.id_ = H5I_INVALID_HID;
   other.fd_ = -1;
 }
@@ -160,6 +161,7 @@ H5File& H5File::operator=(H5File&& other) noexcept {
     id_ = other.id_;
     fd_ = other.fd_;
     path_ = std::move(other.path_);
+    slots_ = std::move(other.slots_);
     other.id_ = H5I_INVALID_HID;
     other.fd_ = -1;
   }
@@ -199,7 +201,10 @@ void H5File::write(const std::string& dataset, const float* data, std::span<cons
   const size_t chunk_bytes = static_cast<size_t>(grid.chunk_elements()) * sizeof(float);
   const int threads = io_threads();
   const int64_t window = 2 * static_cast<int64_t>(threads);
-  std::vector<std::vector<uint8_t>> slots(static_cast<size_t>(std::min<int64_t>(window, std::ssize(origins))));
+  // The chunk buffers live as long as the file, so the datasets after the first reuse memory
+  // they already touched.
+  std::vector<std::vector<uint8_t>>& slots = slots_;
+  slots.resize(std::max(slots.size(), static_cast<size_t>(std::min<int64_t>(window, std::ssize(origins)))));
   const auto produce = [&](int64_t i) {
     std::vector<uint8_t>& buf = slots[static_cast<size_t>(i % window)];
     buf.resize(chunk_bytes + 4);
@@ -313,7 +318,10 @@ bool H5File::read_chunks(hid_t ds, const std::string& w, std::span<const int64_t
   for (const haddr_t a : addr) ::posix_fadvise(fd, static_cast<off_t>(a), static_cast<off_t>(chunk_bytes + 4), POSIX_FADV_WILLNEED);
   const int threads = io_threads();
   const int64_t window = 2 * static_cast<int64_t>(threads);
-  std::vector<std::vector<uint8_t>> slots(static_cast<size_t>(std::min<int64_t>(window, std::ssize(origins))));
+  // The chunk buffers live as long as the file, so the datasets after the first reuse memory
+  // they already touched.
+  std::vector<std::vector<uint8_t>>& slots = slots_;
+  slots.resize(std::max(slots.size(), static_cast<size_t>(std::min<int64_t>(window, std::ssize(origins)))));
   // Reads `bytes` at `from` into `to` in pieces small enough to stay in the core's cache while
   // the checksum (when given) reads them again: one pass over memory instead of two.
   const auto read_at = [&](uint8_t* to, size_t bytes, uint64_t from, const std::vector<int64_t>& origin,

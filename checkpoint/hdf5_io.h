@@ -103,6 +103,7 @@ class H5File {
   hid_t id_ = H5I_INVALID_HID;
   mutable int fd_ = -1;
   std::string path_;
+  mutable std::vector<std::vector<uint8_t>> slots_;  // chunk buffers, reused by every write and read
 };
 
 }  // namespace moeforge::checkpoint

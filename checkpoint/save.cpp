@@ -32,13 +32,16 @@ const char* kind_name(TensorKind k) {
 
 // The box `box` of a row-major local block starts at the block's origin and differs from it
 // only in dim 0 (padding rows cut off): a prefix of the block's data, viewed or copied.
-void add_block(Snapshot& s, const Param& p, TensorKind kind, const Box& box, const float* local, bool copy) {
+void add_block(Snapshot& s, const Param& p, TensorKind kind, const Box& box, const float* local, bool copy,
+               std::vector<std::vector<float>>* recycle) {
   Snapshot::Block& b = s.blocks.emplace_back();
   b.name = p.spec.name;
   b.kind = kind;
   b.global_shape = stored_shape(p.spec);
   b.box = box;
   if (copy) {
+    const size_t i = s.blocks.size() - 1;
+    if (recycle && i < recycle->size()) b.copy = std::move((*recycle)[i]);  // assign keeps its capacity
     b.copy.assign(local, local + box.numel());
   } else {
     b.view = local;
@@ -140,7 +143,8 @@ void prune(const std::string& dir, int keep_last) {
 
 std::string step_dir_name(int64_t step) { return fmt::format("step_{:08}", step); }
 
-Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, const ProcessGrid& grid, bool copy) {
+Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, const ProcessGrid& grid, bool copy,
+                  std::vector<std::vector<float>>* recycle) {
   Snapshot s;
   s.world_rank = grid.world_rank();
   const ParallelSizes& sizes = grid.sizes();
@@ -196,7 +200,7 @@ Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, cons
     if (!writes(p.spec, sizes, s.world_rank)) continue;
     const Box box = stored_block(p);
     if (box.numel() == 0) continue;
-    add_block(s, p, PARAM, box, p.value.data<float>(), copy);
+    add_block(s, p, PARAM, box, p.value.data<float>(), copy, recycle);
     if (!p.spec.trainable) continue;
     const float *m = nullptr, *v = nullptr;
     if (const Gather* ga = gather_of(p)) {
@@ -207,8 +211,8 @@ Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, cons
       m = adamw.exp_avg(p.spec.name).data<float>();
       v = adamw.exp_avg_sq(p.spec.name).data<float>();
     }
-    add_block(s, p, EXP_AVG, box, m, copy);
-    add_block(s, p, EXP_AVG_SQ, box, v, copy);
+    add_block(s, p, EXP_AVG, box, m, copy, recycle);
+    add_block(s, p, EXP_AVG_SQ, box, v, copy, recycle);
   }
   if (!copy)
     for (Gather& ga : gathers) s.gathered.push_back(std::move(ga.buf));
@@ -267,6 +271,7 @@ struct Saver::Pending {
   std::string tmp_dir;
   std::string setup_error;  // this rank could not prepare the save
   std::future<ShardRecord> record;
+  std::shared_ptr<Snapshot> snapshot;  // held until the commit, whose buffers then go to spare_
   std::chrono::steady_clock::time_point start;
 };
 
@@ -301,7 +306,9 @@ std::optional<SaveOutcome> Saver::save(const RunState& state, ParamRegistry& reg
     }
   }
   grid_.world().barrier();
-  auto shared = std::make_shared<Snapshot>(snapshot(registry, optimizer, grid_, /*copy=*/async_));
+  auto shared = std::make_shared<Snapshot>(snapshot(registry, optimizer, grid_, /*copy=*/async_, &spare_));
+  spare_.clear();
+  p->snapshot = shared;
   const std::string tmp = p->tmp_dir;
   const int64_t step = state.step;
   if (async_) {
@@ -336,6 +343,10 @@ std::optional<SaveOutcome> Saver::finish() {
 SaveOutcome Saver::commit() {
   std::unique_ptr<Pending> p = std::move(pending_);
   ShardRecord mine = p->record.get();
+  if (async_ && p->snapshot) {  // the writer is done with the copies: keep them for the next save
+    for (Snapshot::Block& b : p->snapshot->blocks) spare_.push_back(std::move(b.copy));
+    p->snapshot.reset();
+  }
   if (!p->setup_error.empty() && mine.error().empty()) mine.set_error(p->setup_error);
   const std::vector<ShardRecord> records = gather_records(mine, grid_.world());
 

@@ -69,7 +69,11 @@ struct Snapshot {
 
 // Phase 1 (collective over the state groups under ZeRO-1). copy: copy the blocks (else the
 // snapshot views the registry and optimizer, which must not change until it is written).
-Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, const ProcessGrid& grid, bool copy);
+// `recycle`: the copies of an earlier snapshot, reused in order as the new copies' buffers, so a
+// steady run of async saves copies into memory it already holds instead of faulting in fresh
+// pages on the training thread.
+Snapshot snapshot(ParamRegistry& registry, DistributedOptimizer& optimizer, const ProcessGrid& grid, bool copy,
+                  std::vector<std::vector<float>>* recycle = nullptr);
 
 // Phase 2: writes snapshot's blocks as `<tmp_dir>/rank_NNNNN.h5` (no file when it has no
 // blocks). Errors are returned in the record, not thrown.
@@ -113,6 +117,7 @@ class Saver {
   bool async_;
   ProcessGrid grid_;
   std::unique_ptr<Pending> pending_;
+  std::vector<std::vector<float>> spare_;  // the last committed async snapshot's buffers
 };
 
 }  // namespace moeforge::checkpoint
