@@ -147,14 +147,20 @@ void Checkpointing::report(const std::optional<checkpoint::SaveOutcome>& outcome
 void Checkpointing::save(Trainer& trainer) {
   if (last_saved_step_ == trainer.steps_done()) return;
   last_saved_step_ = trainer.steps_done();
+  // A background save still writing is waited for (and committed) first: saves come faster than
+  // the disk takes them. Reported apart from the snapshot copy, the stall every async save costs.
+  const auto wait_start = std::chrono::steady_clock::now();
+  report(saver_->finish());
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
   const auto start = std::chrono::steady_clock::now();
   HostStaging staging(trainer.model().registry(), trainer.optimizer().adamw());
   report(saver_->save({.step = trainer.steps_done(), .data_position = trainer.data_position(), .config = run_},
                       trainer.model().registry(), trainer.optimizer()));
   staging.restore(/*copy_back=*/false);  // the saver has copied (async) or written (sync) the values
   if (saver_->pending() && grid_.world_rank() == 0) {
-    fmt::print("checkpoint: step {} copied in {:.3f} s, writing in the background\n", trainer.steps_done(),
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    fmt::print("checkpoint: step {} copied in {:.3f} s, writing in the background{}\n", trainer.steps_done(),
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+               waited >= 0.001 ? fmt::format(" (first waited {:.3f} s for the previous save)", waited) : std::string());
     std::fflush(stdout);
   }
 }

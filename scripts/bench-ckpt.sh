@@ -89,22 +89,24 @@ for round in $(seq "$rounds"); do
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
-# Async saves every 2 steps: the stall is the snapshot (copy to host buffers) on the training
-# thread; compare it with the mean step time.
-async_log=$(run 8 --set checkpoint.dir="$dir/ckpt_async" --set checkpoint.every=2 --set checkpoint.async_save=true)
+# Async saves every 4 steps of 12: the stall is the snapshot (copy to host buffers) on the
+# training thread, compared with the mean step time; a save that finds the previous one still
+# writing first waits for it, reported apart.
+async_log=$(run 12 --set checkpoint.dir="$dir/ckpt_async" --set checkpoint.every=4 --set checkpoint.async_save=true)
 stall=$(echo "$async_log" | sed -n 's/.*copied in \([0-9.]*\) s.*/\1/p' | awk '{s+=$1; n++} END {if (n) printf "%.3f", s/n}')
+waited=$(echo "$async_log" | grep "copied in" | sed -n 's/.*waited \([0-9.]*\) s.*/\1/p' | awk '{s+=$1} END {printf "%.3f", s}')
 step_s=$(python3 - "$dir/run/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-tok = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r][-8:][1:]
+tok = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r][-12:][1:]
 print(f"{sum(64 / t for t in tok) / len(tok):.3f}")
 PY
 )
 
 awk -v b="$bytes" -v sm="$(median "${save_ratios[@]}")" -v lm="$(median "${load_ratios[@]}")" -v cold="$cold" \
-    -v n="$rounds" -v stall="$stall" -v step="$step_s" 'BEGIN {
+    -v n="$rounds" -v stall="$stall" -v step="$step_s" -v waited="$waited" 'BEGIN {
   printf "checkpoint %.1f MB (%s), %d rounds, reads %s\n", b / 1e6, "'"$config"'", n, cold == "yes" ? "after dropping the page cache" : "from the page cache (not root: caches kept)"
   printf "save: median %.0f%% of dd write (conv=fsync)\n", sm * 100
   printf "load: median %.0f%% of dd read\n", lm * 100
-  printf "async save: %.3f s stall per save (snapshot), mean step %.3f s\n", stall, step
+  printf "async save: %.3f s stall per save (snapshot), mean step %.3f s; %.3f s in all waiting for a previous save\n", stall, step, waited
 }'
