@@ -313,9 +313,6 @@ bool H5File::read_chunks(hid_t ds, const std::string& w, std::span<const int64_t
               w, box_shape_str(origins[i]), size, mask, chunk_bytes + 4);
   }
   const int fd = raw_fd();
-  // Ask the kernel to read every chunk of the request ahead, so the disk streams while the
-  // workers checksum and copy.
-  for (const haddr_t a : addr) ::posix_fadvise(fd, static_cast<off_t>(a), static_cast<off_t>(chunk_bytes + 4), POSIX_FADV_WILLNEED);
   const int threads = io_threads();
   const int64_t window = 2 * static_cast<int64_t>(threads);
   // The chunk buffers live as long as the file, so the datasets after the first reuse memory
