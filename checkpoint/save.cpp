@@ -323,6 +323,23 @@ std::optional<SaveOutcome> Saver::save(const RunState& state, ParamRegistry& reg
   return commit();
 }
 
+int64_t Saver::reserve(ParamRegistry& registry) {
+  if (!async_) return 0;
+  // The blocks snapshot() copies, in its order: a parameter's block, then its two moments.
+  spare_.clear();
+  int64_t bytes = 0;
+  for (const Param& p : registry.params()) {
+    if (!writes(p.spec, grid_.sizes(), grid_.world_rank())) continue;
+    const Box box = stored_block(p);
+    if (box.numel() == 0) continue;
+    for (int k = 0; k < (p.spec.trainable ? 3 : 1); ++k) {
+      spare_.emplace_back(static_cast<size_t>(box.numel()), 0.0f);  // zero-filled: every page touched
+      bytes += box.numel() * static_cast<int64_t>(sizeof(float));
+    }
+  }
+  return bytes;
+}
+
 std::optional<SaveOutcome> Saver::poll() {
   if (!pending_) return std::nullopt;
   const bool ready = pending_->record.wait_for(std::chrono::seconds(0)) == std::future_status::ready;

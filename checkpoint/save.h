@@ -106,6 +106,10 @@ class Saver {
   // Collective: waits for a pending save and commits it.
   std::optional<SaveOutcome> finish();
   bool pending() const { return pending_ != nullptr; }
+  // Async saves: allocates (and touches) the host buffers of the snapshots ahead, sized for the
+  // registry's blocks, so the first save copies into memory already faulted in instead of
+  // stalling the step on page faults. Returns the bytes reserved (0 for synchronous saves).
+  int64_t reserve(ParamRegistry& registry);
   const std::string& dir() const { return dir_; }
 
  private:

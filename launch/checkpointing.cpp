@@ -130,6 +130,17 @@ void Checkpointing::resume(Trainer& trainer, const std::string& resume) {
   }
 }
 
+void Checkpointing::prepare(Trainer& trainer) {
+  if (!saver_) return;
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t bytes = saver_->reserve(trainer.model().registry());
+  if (bytes > 0 && grid_.world_rank() == 0) {
+    fmt::print("checkpoint: {:.1f} MB of host buffers reserved for async saves in {:.2f} s\n", bytes / 1e6,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    std::fflush(stdout);
+  }
+}
+
 void Checkpointing::report(const std::optional<checkpoint::SaveOutcome>& outcome) {
   if (!outcome) return;
   last_save_ok_ = outcome->ok;

@@ -30,6 +30,8 @@ class Checkpointing {
 
   // resume: "" (fresh), "auto" or a path. Loads into the trainer; rank 0 says what it did.
   void resume(Trainer& trainer, const std::string& resume);
+  // With async saves: reserves the snapshot buffers before training starts (see Saver::reserve).
+  void prepare(Trainer& trainer);
   // The trainer's step hook: saves when due; true (stop) after a signal, once the step is saved.
   bool after_step(Trainer& trainer, const StepMetrics& m);
   // Waits for a background save and commits it. False when the last save failed.

@@ -54,6 +54,7 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
     moeforge::Trainer trainer(run, grid);
     moeforge::Checkpointing checkpointing(run, grid);
     checkpointing.resume(trainer, resume);
+    checkpointing.prepare(trainer);
     trainer.run([&](const moeforge::StepMetrics& m) { return checkpointing.after_step(trainer, m); });
     // A preempted job exits 0 only with its checkpoint committed.
     if (!checkpointing.finish() && checkpointing.stopped_by_signal()) return 1;
