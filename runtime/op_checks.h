@@ -36,6 +36,11 @@ inline int64_t matrix_rows(const Tensor& t) {
 
 [[noreturn]] void no_backend(std::string_view op, Device device);
 
+// The argument checks of ops::router_fwd (runtime/ops_moe.cpp), for ops that take the same
+// arguments and more (cuda::router_fwd_with_stats); returns the tensors' device.
+Device check_router_fwd(std::string_view op, const Tensor& logits, int k, const Tensor& bias, const Tensor& weights,
+                        const Tensor& experts, const Tensor& probs);
+
 }  // namespace moeforge::ops::detail
 
 // Runs the CPU kernel cpu::OP for CPU tensors, and the CUDA kernel cuda::OP

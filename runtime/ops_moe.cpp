@@ -75,9 +75,9 @@ const char* gating_name(Gating g) {
   MOE_THROW("gating_name: unknown Gating value {}", static_cast<int>(g));
 }
 
-void router_fwd(const Tensor& logits, Gating gating, int k, const Tensor& bias, const Tensor& weights,
-                const Tensor& experts, const Tensor& probs) {
-  constexpr std::string_view op = "router_fwd";
+namespace detail {
+Device check_router_fwd(std::string_view op, const Tensor& logits, int k, const Tensor& bias, const Tensor& weights,
+                        const Tensor& experts, const Tensor& probs) {
   const Device dev = check_same_device(op, {{"logits", logits}, {"weights", weights}, {"experts", experts},
                                             {"probs", probs}});
   check_logits(op, {"logits", logits});
@@ -94,6 +94,13 @@ void router_fwd(const Tensor& logits, Gating gating, int k, const Tensor& bias, 
   check_shape(op, {"experts", experts}, Shape{n, k}, {"logits", logits});
   check_dtype(op, {"probs", probs}, DType::kF32);
   check_same_shape(op, {"probs", probs}, {"logits", logits});
+  return dev;
+}
+}  // namespace detail
+
+void router_fwd(const Tensor& logits, Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                const Tensor& experts, const Tensor& probs) {
+  const Device dev = detail::check_router_fwd("router_fwd", logits, k, bias, weights, experts, probs);
   MOE_DISPATCH(router_fwd, dev, logits, gating, k, bias, weights, experts, probs);
 }
 

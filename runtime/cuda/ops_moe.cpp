@@ -206,27 +206,12 @@ RouterStats RouterStats::allocate(int64_t n, int64_t e, Device device) {
 void router_fwd_with_stats(const Tensor& logits, ops::Gating gating, int k, const Tensor& bias, const Tensor& weights,
                            const Tensor& experts, const Tensor& probs, const RouterStats& stats) {
   constexpr std::string_view op = "router_fwd_with_stats";
-  // The catalog router_fwd's checks (ops_moe.cpp), repeated: it has no check-only entry point.
-  MOE_CHECK(logits.defined() && logits.ndim() == 2 && logits.device().type == DeviceType::kCUDA,
-            "{}: logits must be a (N, E) tensor on a CUDA device", op);
+  const Device dev = ops::detail::check_router_fwd(op, logits, k, bias, weights, experts, probs);
+  MOE_CHECK(dev.type == DeviceType::kCUDA, "{}: logits must be on a CUDA device, got {}", op, logits.str());
   const int64_t n = logits.dim(0), e = logits.dim(1);
   check_stats(op, stats, n, e, logits);
   MOE_CHECK(e <= routing::kGatingMaxStatsExperts, "{}: logits has shape {}: {} experts exceed the fused statistics' maximum of {}",
             op, logits.shape().str(), e, routing::kGatingMaxStatsExperts);
-  check_dtype(op, {"logits", logits}, DType::kF32);
-  MOE_CHECK(k >= 1 && k <= e, "{}: k={} must be in [1, E={}]", op, k, e);
-  check_same_device(op, {{"logits", logits}, {"weights", weights}, {"experts", experts}, {"probs", probs}});
-  if (bias.defined()) {
-    check_same_device(op, {{"logits", logits}, {"bias", bias}});
-    check_dtype(op, {"bias", bias}, DType::kF32);
-    check_shape(op, {"bias", bias}, Shape{e}, {"logits", logits});
-  }
-  check_dtype(op, {"weights", weights}, DType::kF32);
-  check_shape(op, {"weights", weights}, Shape{n, k}, {"logits", logits});
-  check_dtype(op, {"experts", experts}, DType::kI32);
-  check_shape(op, {"experts", experts}, Shape{n, k}, {"logits", logits});
-  check_dtype(op, {"probs", probs}, DType::kF32);
-  check_shape(op, {"probs", probs}, Shape{n, e}, {"logits", logits});
 
   if (n == 0) {  // no rows: zero statistics
     fill(stats.prob_mass, 0.0f);
