@@ -65,7 +65,7 @@ void copy_box(const float* src, std::span<const int64_t> src_shape, std::span<co
               std::span<const int64_t> count);
 
 // Threads for checkpoint I/O: $MOEFORGE_IO_THREADS when set (>= 1), else the hardware's threads,
-// at most 8.
+// at least 4 and at most 8.
 int io_threads();
 
 // Runs produce(i) for every i in [0, n) on up to `threads` worker threads, never more than

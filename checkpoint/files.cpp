@@ -10,10 +10,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <optional>
 #include <vector>
 
 #include <fmt/format.h>
 
+#include "checkpoint/direct_io.h"
 #include "data/sha256.h"
 #include "runtime/error.h"
 
@@ -48,7 +51,66 @@ void commit_file(const std::string& tmp, const std::string& path) {
             std::strerror(errno));
 }
 
+namespace {
+
+// The digest through O_DIRECT reads of kBlock bytes, the next block read on a second thread
+// while this one hashes the current one. nullopt when the file system refuses O_DIRECT (the
+// caller then hashes through the page cache).
+std::optional<FileDigest> digest_direct(const std::string& path) {
+  const int fd = open_direct_read(path.c_str());
+  if (fd < 0) return std::nullopt;
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    ::close(fd);
+    return std::nullopt;
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  static constexpr size_t kBlock = size_t{8} << 20;  // a multiple of kDirectAlign
+  AlignedBuffer bufs[2];
+  bufs[0].resize(kBlock);
+  bufs[1].resize(kBlock);
+  // Reads the block at `at` into `buf`; the byte count, or -errno (EINVAL: O_DIRECT refused).
+  const auto read_block = [fd, size](uint8_t* buf, size_t at) -> ssize_t {
+    const size_t want = std::min(kBlock, size - at);
+    size_t done = 0;
+    while (done < want) {
+      // Whole aligned blocks; the last one may be short of the file's end.
+      const size_t ask = (want - done + kDirectAlign - 1) & ~(kDirectAlign - 1);
+      const ssize_t n = ::pread(fd, buf + done, ask, static_cast<off_t>(at + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return -errno;
+      if (n == 0) return -EIO;  // the file shrank while being hashed
+      done += static_cast<size_t>(n);
+    }
+    return static_cast<ssize_t>(want);
+  };
+  data::Sha256 h;
+  std::future<ssize_t> next;
+  if (size > 0) next = std::async(std::launch::async, read_block, bufs[0].data(), size_t{0});
+  for (size_t at = 0, i = 0; at < size; at += kBlock, ++i) {
+    const ssize_t n = next.get();
+    if (n == -EINVAL && at == 0) {
+      ::close(fd);
+      return std::nullopt;
+    }
+    if (n < 0) {
+      ::close(fd);
+      MOE_THROW("{}: read error while hashing: {}", path, std::strerror(static_cast<int>(-n)));
+    }
+    if (at + kBlock < size) next = std::async(std::launch::async, read_block, bufs[(i + 1) % 2].data(), at + kBlock);
+    h.update({bufs[i % 2].data(), static_cast<size_t>(n)});
+    count_direct_read(n);
+  }
+  ::close(fd);
+  return FileDigest{static_cast<int64_t>(size), h.hex()};
+}
+
+}  // namespace
+
 FileDigest digest_file(const std::string& path) {
+  // Files written with O_DIRECT are not in the page cache: read them back the same way.
+  if (direct_io_enabled())
+    if (std::optional<FileDigest> d = digest_direct(path)) return *d;
   // Hashed straight from a read-only mapping of the file (no copy out of the page cache, which
   // the kernel reads ahead of the hash); read() in pieces where mapping is not possible.
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);

@@ -7,7 +7,10 @@
 #include <cstring>
 
 #include <algorithm>
+#include <atomic>
+#include <deque>
 #include <filesystem>
+#include <memory>
 #include <mutex>
 
 #include <fmt/format.h>
@@ -135,7 +138,8 @@ H5File H5File::create(const std::string& path) {
   // The HDF5 1.10 file format: its superblock, object headers and chunk indexes (fixed arrays)
   // carry checksums of their own, so together with Fletcher-32 on the chunks every byte a load
   // reads is checked. Readers need HDF5 >= 1.10 (h5py has bundled it since 2018).
-  const H5Handle fapl(MOE_H5_CHECK(H5Pcreate(H5P_FILE_ACCESS), path), H5Pclose);
+  // The driver and alignment of checkpoint/direct_io.h: chunk data written with O_DIRECT.
+  const H5Handle fapl(shard_file_access_plist(), H5Pclose);
   MOE_H5_CHECK(H5Pset_libver_bounds(fapl.id, H5F_LIBVER_V110, H5F_LIBVER_V110), path);
   const hid_t id = MOE_H5_CHECK(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.id), path);
   return H5File(id, path);
@@ -149,21 +153,25 @@ H5File H5File::open(const std::string& path) {
 }
 
 H5File::H5File(H5File&& other) noexcept
-    : id_(other.id_), fd_(other.fd_), path_(std::move(other.path_)), slots_(std::move(other.slots_)) {
+    : id_(other.id_), fd_(other.fd_), dfd_(other.dfd_), path_(std::move(other.path_)), slots_(std::move(other.slots_)) {
   other.id_ = H5I_INVALID_HID;
   other.fd_ = -1;
+  other.dfd_ = -2;
 }
 
 H5File& H5File::operator=(H5File&& other) noexcept {
   if (this != &other) {
     if (id_ >= 0) H5Fclose(id_);
     if (fd_ >= 0) ::close(fd_);
+    if (dfd_ >= 0) ::close(dfd_);
     id_ = other.id_;
     fd_ = other.fd_;
+    dfd_ = other.dfd_;
     path_ = std::move(other.path_);
     slots_ = std::move(other.slots_);
     other.id_ = H5I_INVALID_HID;
     other.fd_ = -1;
+    other.dfd_ = -2;
   }
   return *this;
 }
@@ -171,6 +179,7 @@ H5File& H5File::operator=(H5File&& other) noexcept {
 H5File::~H5File() {
   if (id_ >= 0) H5Fclose(id_);
   if (fd_ >= 0) ::close(fd_);
+  if (dfd_ >= 0) ::close(dfd_);
 }
 
 std::string H5File::where(const std::string& dataset) const { return fmt::format("{}: dataset {}", path_, dataset); }
@@ -203,10 +212,10 @@ void H5File::write(const std::string& dataset, const float* data, std::span<cons
   const int64_t window = 2 * static_cast<int64_t>(threads);
   // The chunk buffers live as long as the file, so the datasets after the first reuse memory
   // they already touched.
-  std::vector<std::vector<uint8_t>>& slots = slots_;
+  std::vector<AlignedBuffer>& slots = slots_;
   slots.resize(std::max(slots.size(), static_cast<size_t>(std::min<int64_t>(window, std::ssize(origins)))));
   const auto produce = [&](int64_t i) {
-    std::vector<uint8_t>& buf = slots[static_cast<size_t>(i % window)];
+    AlignedBuffer& buf = slots[static_cast<size_t>(i % window)];
     buf.resize(chunk_bytes + 4);
     const std::vector<int64_t>& origin = origins[static_cast<size_t>(i)];
     std::vector<int64_t> count(static_cast<size_t>(rank)), zero(static_cast<size_t>(rank), 0);
@@ -219,10 +228,10 @@ void H5File::write(const std::string& dataset, const float* data, std::span<cons
     if (partial) std::memset(f, 0, chunk_bytes);
     copy_box(data, shape, origin, f, grid.chunk(), zero, count);
     const uint32_t sum = fletcher32({buf.data(), chunk_bytes});
-    for (int b = 0; b < 4; ++b) buf[chunk_bytes + b] = static_cast<uint8_t>(sum >> (8 * b));
+    for (int b = 0; b < 4; ++b) buf.data()[chunk_bytes + b] = static_cast<uint8_t>(sum >> (8 * b));
   };
   const auto consume = [&](int64_t i) {
-    const std::vector<uint8_t>& buf = slots[static_cast<size_t>(i % window)];
+    const AlignedBuffer& buf = slots[static_cast<size_t>(i % window)];
     const std::vector<hsize_t> origin = to_hsize(origins[static_cast<size_t>(i)]);
     MOE_H5_CHECK(H5Dwrite_chunk(ds.id, H5P_DEFAULT, 0, origin.data(), buf.size(), buf.data()), w);
   };
@@ -253,11 +262,12 @@ std::vector<int64_t> H5File::f32_shape(const std::string& dataset) const {
 }
 
 void H5File::read(const std::string& dataset, std::span<const int64_t> src_offset, std::span<const int64_t> count,
-                  float* dst, std::span<const int64_t> dst_shape, std::span<const int64_t> dst_offset) const {
+                  float* dst, std::span<const int64_t> dst_shape, std::span<const int64_t> dst_offset,
+                  ChunkReads* batch) const {
   const std::string w = where(dataset);
   const int rank = static_cast<int>(count.size());
   const H5Handle ds(MOE_H5_CHECK(H5Dopen2(id_, dataset.c_str(), H5P_DEFAULT), w), H5Dclose);
-  if (!read_chunks(ds.id, w, src_offset, count, dst, dst_shape, dst_offset)) {
+  if (!read_chunks(ds.id, w, src_offset, count, dst, dst_shape, dst_offset, batch)) {
     // Not a dataset of ours (another layout or filter): HDF5 reads and scatters it.
     const H5Handle fspace(MOE_H5_CHECK(H5Dget_space(ds.id), w), H5Sclose);
     const std::vector<hsize_t> fstart = to_hsize(src_offset), n = to_hsize(count);
@@ -271,9 +281,174 @@ void H5File::read(const std::string& dataset, std::span<const int64_t> src_offse
   }
 }
 
+namespace {
+
+// One chunk of a read: where it lies in the file, and where its part of the requested box goes.
+struct ChunkJob {
+  const std::string* where;  // "<file>: dataset <name>", for messages (owned by the batch)
+  int fd = -1, dfd = -1;     // buffered and O_DIRECT descriptors (dfd -1: page cache only)
+  uint64_t addr = 0;         // file offset of the stored chunk (data, then its 4-byte checksum)
+  size_t chunk_bytes = 0;    // the chunk's data bytes (full chunk, padding included)
+  std::vector<int64_t> origin, chunk, in_chunk, at, n;  // chunk origin and dims; box inside it; place in dst
+  std::vector<int64_t> dst_shape;
+  float* dst = nullptr;
+  bool one_run = false;      // the chunk's data lands in one run of dst, at element `linear`
+  int64_t linear = 0;
+  size_t data_bytes = 0;     // for one_run: the bytes of the chunk inside the dataset
+};
+
+void check_sum(const ChunkJob& j, const Fletcher32& f, const uint8_t* stored_le) {
+  uint32_t stored = 0;
+  for (int b = 0; b < 4; ++b) stored |= static_cast<uint32_t>(stored_le[b]) << (8 * b);
+  MOE_CHECK(stored == f.value(),
+            "{}: the chunk at {} fails its Fletcher-32 checksum (stored {:08x}, computed {:08x}): the file is damaged",
+            *j.where, box_shape_str(j.origin), stored, f.value());
+}
+
+// Reads `bytes` at `from` into `to` through the page cache, in pieces small enough to stay in
+// the core's cache while the checksum (when given) reads them again: one pass over memory.
+void read_buffered(const ChunkJob& j, uint8_t* to, size_t bytes, uint64_t from, Fletcher32* sum) {
+  constexpr size_t kPiece = size_t{256} << 10;  // even, as Fletcher32 needs
+  for (size_t piece = 0; piece < bytes; piece += kPiece) {
+    const size_t len = std::min(kPiece, bytes - piece);
+    size_t done = 0;
+    while (done < len) {
+      const ssize_t r = ::pread(j.fd, to + piece + done, len - done, static_cast<off_t>(from + piece + done));
+      if (r < 0 && errno == EINTR) continue;
+      MOE_CHECK(r > 0, "{}: reading the chunk at {} failed: {}", *j.where, box_shape_str(j.origin),
+                r == 0 ? std::string("the file ends early (truncated?)") : std::string(std::strerror(errno)));
+      done += static_cast<size_t>(r);
+    }
+    if (sum) sum->update({to + piece, len});
+  }
+}
+
+// Direct I/O: the whole aligned span around `bytes` at `from` into `buf` with one O_DIRECT read;
+// returns where the requested bytes start in it. A file system that takes the O_DIRECT open but
+// refuses the transfer (EINVAL) gets the same span through the page cache.
+const uint8_t* read_direct(const ChunkJob& j, AlignedBuffer& buf, size_t bytes, uint64_t from) {
+  const uint64_t start = from & ~uint64_t{kDirectAlign - 1};
+  const size_t head = static_cast<size_t>(from - start);
+  const size_t span = (head + bytes + kDirectAlign - 1) & ~(kDirectAlign - 1);
+  buf.resize(span);
+  size_t done = 0;
+  int use = j.dfd;
+  while (done < head + bytes) {
+    const ssize_t r = ::pread(use, buf.data() + done, span - done, static_cast<off_t>(start + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && errno == EINVAL && use == j.dfd) {
+      use = j.fd;
+      continue;
+    }
+    MOE_CHECK(r > 0, "{}: reading the chunk at {} failed: {}", *j.where, box_shape_str(j.origin),
+              r == 0 ? std::string("the file ends early (truncated?)") : std::string(std::strerror(errno)));
+    if (use == j.dfd) count_direct_read(r);
+    done += static_cast<size_t>(r);
+  }
+  return buf.data() + head;
+}
+
+// Reads, checks and places one chunk; `buf` is the calling worker's scratch.
+void run_chunk_job(const ChunkJob& j, AlignedBuffer& buf) {
+  uint8_t* to = reinterpret_cast<uint8_t*>(j.dst + j.linear);
+  if (j.dfd >= 0) {
+    const uint8_t* stored = read_direct(j, buf, j.chunk_bytes + 4, j.addr);
+    if (j.one_run) {
+      // Checksummed and copied out a cache-sized piece at a time: one pass over memory.
+      constexpr size_t kPiece = size_t{256} << 10;  // even, as Fletcher32 needs
+      Fletcher32 f;
+      for (size_t piece = 0; piece < j.chunk_bytes; piece += kPiece) {
+        const size_t len = std::min(kPiece, j.chunk_bytes - piece);
+        f.update({stored + piece, len});
+        if (piece < j.data_bytes) std::memcpy(to + piece, stored + piece, std::min(len, j.data_bytes - piece));
+      }
+      check_sum(j, f, stored + j.chunk_bytes);
+      return;
+    }
+    if (reinterpret_cast<uintptr_t>(stored) % alignof(float) != 0) {  // a chunk at an odd address
+      std::memmove(buf.data(), stored, j.chunk_bytes + 4);
+      stored = buf.data();
+    }
+    Fletcher32 f;
+    f.update({stored, j.chunk_bytes});
+    check_sum(j, f, stored + j.chunk_bytes);
+    copy_box(reinterpret_cast<const float*>(stored), j.chunk, j.in_chunk, j.dst, j.dst_shape, j.at, j.n);
+    return;
+  }
+  if (j.one_run) {
+    // The chunk's data read straight into place (no copy), the zero padding past the dataset's
+    // edge and the checksum into the scratch.
+    buf.resize(j.chunk_bytes - j.data_bytes + 4);
+    Fletcher32 f;
+    read_buffered(j, to, j.data_bytes, j.addr, &f);
+    read_buffered(j, buf.data(), buf.size(), j.addr + j.data_bytes, nullptr);
+    f.update({buf.data(), buf.size() - 4});
+    check_sum(j, f, buf.data() + buf.size() - 4);
+    return;
+  }
+  buf.resize(j.chunk_bytes + 4);
+  Fletcher32 f;
+  read_buffered(j, buf.data(), j.chunk_bytes, j.addr, &f);
+  read_buffered(j, buf.data() + j.chunk_bytes, 4, j.addr + j.chunk_bytes, nullptr);
+  check_sum(j, f, buf.data() + j.chunk_bytes);
+  copy_box(reinterpret_cast<const float*>(buf.data()), j.chunk, j.in_chunk, j.dst, j.dst_shape, j.at, j.n);
+}
+
+// Runs jobs on the I/O threads, each worker with its own scratch buffer.
+void run_chunk_jobs(const std::vector<ChunkJob>& jobs) {
+  static std::atomic<uint64_t> runs{0};
+  const uint64_t run = ++runs;
+  const int threads = io_threads();
+  std::mutex mu;
+  std::vector<std::unique_ptr<AlignedBuffer>> scratch;
+  const auto produce = [&](int64_t i) {
+    thread_local AlignedBuffer* mine = nullptr;
+    thread_local uint64_t mine_run = 0;
+    if (mine_run != run) {  // first job of this run on this thread: a buffer for the run
+      std::lock_guard lock(mu);
+      scratch.push_back(std::make_unique<AlignedBuffer>());
+      mine = scratch.back().get();
+      mine_run = run;
+    }
+    run_chunk_job(jobs[static_cast<size_t>(i)], *mine);
+  };
+  ordered_parallel(std::ssize(jobs), threads, 2 * static_cast<int64_t>(threads), produce, [](int64_t) {});
+}
+
+}  // namespace
+
+struct ChunkReads::Jobs {
+  std::deque<std::string> where;  // stable addresses for ChunkJob::where
+  std::vector<ChunkJob> jobs;
+  std::vector<std::string> files;  // the file of each job
+};
+
+ChunkReads::ChunkReads() : jobs_(std::make_unique<Jobs>()) {}
+ChunkReads::~ChunkReads() = default;
+
+int64_t ChunkReads::pending() const { return std::ssize(jobs_->jobs); }
+
+void ChunkReads::run(const std::function<void(const std::string& file)>& on_error) {
+  try {
+    run_chunk_jobs(jobs_->jobs);
+  } catch (const Error& e) {
+    // The failing job's file: its path is the message's prefix.
+    for (const std::string& f : jobs_->files)
+      if (std::string_view(e.what()).find(f) != std::string_view::npos) {
+        on_error(f);
+        break;
+      }
+    jobs_->jobs.clear();
+    jobs_->files.clear();
+    throw;
+  }
+  jobs_->jobs.clear();
+  jobs_->files.clear();
+}
+
 bool H5File::read_chunks(hid_t ds, const std::string& w, std::span<const int64_t> src_offset,
                          std::span<const int64_t> count, float* dst, std::span<const int64_t> dst_shape,
-                         std::span<const int64_t> dst_offset) const {
+                         std::span<const int64_t> dst_offset, ChunkReads* batch) const {
   const int rank = static_cast<int>(count.size());
   // Only the layout this file writes: chunked f32 little-endian with Fletcher-32 as the one filter.
   const H5Handle dcpl(MOE_H5_CHECK(H5Dget_create_plist(ds), w), H5Pclose);
@@ -297,96 +472,69 @@ bool H5File::read_chunks(hid_t ds, const std::string& w, std::span<const int64_t
   const ChunkGrid grid({dims.begin(), dims.end()}, {chunk.begin(), chunk.end()});
   const std::vector<std::vector<int64_t>> origins = grid.touching(src_offset, count);
   const size_t chunk_bytes = static_cast<size_t>(grid.chunk_elements()) * sizeof(float);
+
+  ChunkReads local;
+  ChunkReads& reads = batch ? *batch : local;
+  reads.jobs_->where.push_back(w);
+  const std::string* where_text = &reads.jobs_->where.back();
+  const int fd = raw_fd();
+  const int dfd = direct_fd();
   // Where each chunk lies in the file (HDF5, on this thread); the reads, checksums and copies
   // then run on worker threads with pread.
-  std::vector<haddr_t> addr(origins.size());
-  for (size_t i = 0; i < origins.size(); ++i) {
-    const std::vector<hsize_t> o = to_hsize(origins[i]);
+  for (const std::vector<int64_t>& origin : origins) {
+    const std::vector<hsize_t> o = to_hsize(origin);
     unsigned mask = 0;
+    haddr_t addr = HADDR_UNDEF;
     hsize_t size = 0;
-    MOE_H5_CHECK(H5Dget_chunk_info_by_coord(ds, o.data(), &mask, &addr[i], &size), w);
-    MOE_CHECK(addr[i] != HADDR_UNDEF, "{}: the chunk at {} was never written (the file is incomplete)", w,
-              box_shape_str(origins[i]));
+    MOE_H5_CHECK(H5Dget_chunk_info_by_coord(ds, o.data(), &mask, &addr, &size), w);
+    MOE_CHECK(addr != HADDR_UNDEF, "{}: the chunk at {} was never written (the file is incomplete)", w,
+              box_shape_str(origin));
     MOE_CHECK(mask == 0 && size == chunk_bytes + 4,
               "{}: the chunk at {} is stored as {} bytes with filter mask {}, expected {} bytes checksummed: the file "
               "is damaged",
-              w, box_shape_str(origins[i]), size, mask, chunk_bytes + 4);
-  }
-  const int fd = raw_fd();
-  const int threads = io_threads();
-  const int64_t window = 2 * static_cast<int64_t>(threads);
-  // The chunk buffers live as long as the file, so the datasets after the first reuse memory
-  // they already touched.
-  std::vector<std::vector<uint8_t>>& slots = slots_;
-  slots.resize(std::max(slots.size(), static_cast<size_t>(std::min<int64_t>(window, std::ssize(origins)))));
-  // Reads `bytes` at `from` into `to` in pieces small enough to stay in the core's cache while
-  // the checksum (when given) reads them again: one pass over memory instead of two.
-  const auto read_at = [&](uint8_t* to, size_t bytes, uint64_t from, const std::vector<int64_t>& origin,
-                           Fletcher32* sum) {
-    constexpr size_t kPiece = size_t{256} << 10;  // even, as Fletcher32 needs
-    for (size_t piece = 0; piece < bytes; piece += kPiece) {
-      const size_t len = std::min(kPiece, bytes - piece);
-      size_t done = 0;
-      while (done < len) {
-        const ssize_t n = ::pread(fd, to + piece + done, len - done, static_cast<off_t>(from + piece + done));
-        if (n < 0 && errno == EINTR) continue;
-        MOE_CHECK(n > 0, "{}: reading the chunk at {} failed: {}", w, box_shape_str(origin),
-                  n == 0 ? std::string("the file ends early (truncated?)") : std::string(std::strerror(errno)));
-        done += static_cast<size_t>(n);
-      }
-      if (sum) sum->update({to + piece, len});
-    }
-  };
-  const auto check = [&](const Fletcher32& f, const uint8_t* stored_le, const std::vector<int64_t>& origin) {
-    uint32_t stored = 0;
-    for (int b = 0; b < 4; ++b) stored |= static_cast<uint32_t>(stored_le[b]) << (8 * b);
-    MOE_CHECK(stored == f.value(),
-              "{}: the chunk at {} fails its Fletcher-32 checksum (stored {:08x}, computed {:08x}): the file is damaged",
-              w, box_shape_str(origin), stored, f.value());
-  };
-  const auto produce = [&](int64_t i) {
-    std::vector<uint8_t>& buf = slots[static_cast<size_t>(i % window)];
-    const std::vector<int64_t>& origin = origins[static_cast<size_t>(i)];
-    const uint64_t from = addr[static_cast<size_t>(i)];
+              w, box_shape_str(origin), size, mask, chunk_bytes + 4);
+    ChunkJob j;
+    j.where = where_text;
+    j.fd = fd;
+    j.dfd = dfd;
+    j.addr = addr;
+    j.chunk_bytes = chunk_bytes;
+    j.origin = origin;
+    j.chunk = grid.chunk();
+    j.dst = dst;
+    j.dst_shape.assign(dst_shape.begin(), dst_shape.end());
+    j.in_chunk.resize(static_cast<size_t>(rank));
+    j.at.resize(static_cast<size_t>(rank));
+    j.n.resize(static_cast<size_t>(rank));
     // The part of the request inside this chunk, and the chunk's part inside the dataset.
-    std::vector<int64_t> in_chunk(static_cast<size_t>(rank)), at(static_cast<size_t>(rank)), n(static_cast<size_t>(rank));
     bool whole = true, prefix = true;
     int64_t valid = 1;
     for (int d = 0; d < rank; ++d) {
       const int64_t lo = std::max(origin[d], src_offset[d]);
       const int64_t hi = std::min(origin[d] + grid.chunk()[d], src_offset[d] + count[d]);
-      in_chunk[d] = lo - origin[d];
-      at[d] = dst_offset[d] + lo - src_offset[d];
-      n[d] = hi - lo;
+      j.in_chunk[d] = lo - origin[d];
+      j.at[d] = dst_offset[d] + lo - src_offset[d];
+      j.n[d] = hi - lo;
       const int64_t inside = std::min(grid.chunk()[d], static_cast<int64_t>(dims[d]) - origin[d]);
-      whole = whole && n[d] == inside;
+      whole = whole && j.n[d] == inside;
       prefix = prefix && (d == 0 || inside == grid.chunk()[d]);
       valid *= inside;
     }
-    if (whole && prefix && contiguous_box(dst_shape, n)) {
-      // The chunk's data lands in one run of the destination: read it there (no copy), the
-      // zero padding past the dataset's edge and the checksum into the slot.
-      int64_t linear = 0;
-      for (int d = 0; d < rank; ++d) linear = linear * dst_shape[d] + at[d];
-      uint8_t* to = reinterpret_cast<uint8_t*>(dst + linear);
-      const size_t data_bytes = static_cast<size_t>(valid) * sizeof(float);
-      buf.resize(chunk_bytes - data_bytes + 4);
-      Fletcher32 f;
-      read_at(to, data_bytes, from, origin, &f);
-      read_at(buf.data(), buf.size(), from + data_bytes, origin, nullptr);
-      f.update({buf.data(), buf.size() - 4});
-      check(f, buf.data() + buf.size() - 4, origin);
-      return;
+    j.one_run = whole && prefix && contiguous_box(dst_shape, j.n);
+    if (j.one_run) {
+      for (int d = 0; d < rank; ++d) j.linear = j.linear * dst_shape[d] + j.at[d];
+      j.data_bytes = static_cast<size_t>(valid) * sizeof(float);
     }
-    buf.resize(chunk_bytes + 4);
-    Fletcher32 f;
-    read_at(buf.data(), chunk_bytes, from, origin, &f);
-    read_at(buf.data() + chunk_bytes, 4, from + chunk_bytes, origin, nullptr);
-    check(f, buf.data() + chunk_bytes, origin);
-    copy_box(reinterpret_cast<const float*>(buf.data()), grid.chunk(), in_chunk, dst, dst_shape, at, n);
-  };
-  ordered_parallel(std::ssize(origins), threads, window, produce, [](int64_t) {});
+    reads.jobs_->jobs.push_back(std::move(j));
+    reads.jobs_->files.push_back(path_);
+  }
+  if (!batch) local.run([](const std::string&) {});
   return true;
+}
+
+int H5File::direct_fd() const {
+  if (dfd_ == -2) dfd_ = open_direct_read(path_.c_str());
+  return dfd_;
 }
 
 int H5File::raw_fd() const {

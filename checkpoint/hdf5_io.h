@@ -22,9 +22,13 @@
 #include <hdf5.h>
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
+
+#include "checkpoint/direct_io.h"
 
 namespace moeforge::checkpoint {
 
@@ -51,6 +55,29 @@ struct BlockAttrs {
   std::vector<int64_t> offset;
 };
 
+// Chunk reads queued from any number of datasets and files (H5File::read with a batch), run
+// together on the I/O threads: a model has many tensors of a few chunks each, and reading them
+// one tensor at a time would leave the disk with a request or two in flight at every tensor's
+// end. Reads of other layouts (HDF5's own H5Dread) are not queued; they happen in read().
+class ChunkReads {
+ public:
+  ChunkReads();
+  ~ChunkReads();
+  ChunkReads(const ChunkReads&) = delete;
+  ChunkReads& operator=(const ChunkReads&) = delete;
+
+  int64_t pending() const;
+  // Runs every queued read. On the first failure (a damaged chunk, a read error) the rest stop,
+  // on_error gets the path of the failing read's file, and the error is rethrown. The batch is
+  // empty afterwards either way.
+  void run(const std::function<void(const std::string& path)>& on_error);
+
+ private:
+  friend class H5File;
+  struct Jobs;
+  std::unique_ptr<Jobs> jobs_;
+};
+
 class H5File {
  public:
   // Creates (truncating) a shard file for writing.
@@ -73,9 +100,12 @@ class H5File {
   // The shape of a dataset; throws naming file and dataset unless it is f32.
   std::vector<int64_t> f32_shape(const std::string& dataset) const;
   // Reads the box [src_offset, src_offset + count) of the dataset into `dst`, a row-major
-  // buffer of shape dst_shape, at dst_offset (HDF5 scatters it in place).
+  // buffer of shape dst_shape, at dst_offset. With a batch, the chunk reads of a dataset in this
+  // file's own layout are only queued (their addresses looked up now): they run, and dst is
+  // filled, at batch->run(), which must come while this file is open.
   void read(const std::string& dataset, std::span<const int64_t> src_offset, std::span<const int64_t> count,
-            float* dst, std::span<const int64_t> dst_shape, std::span<const int64_t> dst_offset) const;
+            float* dst, std::span<const int64_t> dst_shape, std::span<const int64_t> dst_offset,
+            ChunkReads* batch = nullptr) const;
   BlockAttrs attrs(const std::string& dataset) const;
   // Every dataset's path in the file ("param/embed.weight", ...), sorted.
   std::vector<std::string> datasets() const;
@@ -96,14 +126,17 @@ class H5File {
   // other layout, which HDF5 then reads itself.
   bool read_chunks(hid_t ds, const std::string& where, std::span<const int64_t> src_offset,
                    std::span<const int64_t> count, float* dst, std::span<const int64_t> dst_shape,
-                   std::span<const int64_t> dst_offset) const;
+                   std::span<const int64_t> dst_offset, ChunkReads* batch) const;
   // A plain read-only descriptor of the file for the chunk reads, opened on first use.
   int raw_fd() const;
+  // The same with O_DIRECT (checkpoint/direct_io.h), or -1 where direct I/O is off or refused.
+  int direct_fd() const;
 
   hid_t id_ = H5I_INVALID_HID;
   mutable int fd_ = -1;
+  mutable int dfd_ = -2;  // -2: not tried yet
   std::string path_;
-  mutable std::vector<std::vector<uint8_t>> slots_;  // chunk buffers, reused by every write and read
+  mutable std::vector<AlignedBuffer> slots_;  // chunk buffers, reused by every write and read
 };
 
 }  // namespace moeforge::checkpoint

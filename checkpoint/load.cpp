@@ -115,8 +115,9 @@ class ShardFiles {
 
 // Fills `dst` (row-major, of shape dst_box.shape, placed at dst_box.offset of the global tensor)
 // on the box `want` from the pieces of `t`; every element of `want` must be covered once.
+// With a batch, reads of our own chunk layout are queued there (dst is filled at batch->run()).
 void read_box(const std::string& dir, const TensorEntry& t, const Box& want, const Box& dst_box, float* dst,
-              ShardFiles& files) {
+              ShardFiles& files, ChunkReads* batch = nullptr) {
   int64_t covered = 0;
   for (const Piece& piece : t.pieces()) {
     const Box stored{to_vec(piece.offset()), to_vec(piece.shape())};
@@ -132,7 +133,7 @@ void read_box(const std::string& dir, const TensorEntry& t, const Box& want, con
       at[d] = part->offset[d] - dst_box.offset[d];
     }
     try {
-      file.read(piece.dataset(), src, part->shape, dst, dst_box.shape, at);
+      file.read(piece.dataset(), src, part->shape, dst, dst_box.shape, at, batch);
     } catch (const Error&) {
       files.check(piece.file());  // a damaged file is reported as such
       throw;
@@ -170,6 +171,9 @@ LoadedState load(const std::string& step_dir, ParamRegistry& registry, Distribut
               t.name());
   }
   ShardFiles files(step_dir, m, verify_sha256);
+  // Parameters and moments read straight into their tensors are queued and read together at the
+  // end (ZeRO-1's partial moments go through a scratch block, read at once).
+  ChunkReads batch;
   for (Param& p : registry.params()) {
     const Box want = stored_block(p);
     Box local{want.offset, std::vector<int64_t>(p.value.shape().dims().begin(), p.value.shape().dims().end())};
@@ -188,7 +192,7 @@ LoadedState load(const std::string& step_dir, ParamRegistry& registry, Distribut
                 step_dir, kind_label(kind), p.spec.name, box_shape_str(to_vec(t.shape())), box_shape_str(want_shape));
       if (want.numel() == 0) continue;  // this rank's block is all padding
       if (kind == PARAM) {
-        read_box(step_dir, t, want, local, p.value.data<float>(), files);
+        read_box(step_dir, t, want, local, p.value.data<float>(), files, &batch);
         continue;
       }
       // Moments: the full local block, then this rank's owned range of it (without ZeRO-1, the
@@ -199,7 +203,7 @@ LoadedState load(const std::string& step_dir, ParamRegistry& registry, Distribut
       MOE_CHECK(state.numel() == r.size(), "checkpoint: AdamW state of {} has {} elements, its owned range {}",
                 p.spec.name, state.numel(), r.size());
       if (r.size() == p.value.numel()) {
-        read_box(step_dir, t, want, local, state.data<float>(), files);
+        read_box(step_dir, t, want, local, state.data<float>(), files, &batch);
         continue;
       }
       std::vector<float> block(static_cast<size_t>(p.value.numel()), 0.0f);
@@ -207,6 +211,7 @@ LoadedState load(const std::string& step_dir, ParamRegistry& registry, Distribut
       if (r.size() > 0) std::memcpy(state.data<float>(), block.data() + r.begin, static_cast<size_t>(r.size()) * sizeof(float));
     }
   }
+  batch.run([&](const std::string& path) { files.check(fs::path(path).filename().string()); });
   files.check_all();
   if (optimizer) optimizer->adamw().set_steps(m.optimizer_steps());
   return out;

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <google/protobuf/text_format.h>
 
+#include "checkpoint/direct_io.h"
 #include "checkpoint/files.h"
 #include "checkpoint/load.h"
 #include "models/device_tensors.h"
@@ -89,6 +90,7 @@ class HostStaging {
 
 Checkpointing::Checkpointing(const config::RunConfig& run, const ProcessGrid& grid) : run_(run), grid_(grid) {
   const auto& c = run_.checkpoint();
+  if (!c.direct_io()) checkpoint::set_direct_io(false);
   if (!c.dir().empty()) saver_.emplace(c.dir(), c.keep_last(), c.async_save(), grid_);
   install_handlers();
 }

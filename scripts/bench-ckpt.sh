@@ -12,8 +12,9 @@
 #
 # Save MB/s = checkpoint bytes / the time from the snapshot to the commit (HDF5 write, fsync,
 # SHA-256, manifest, renames). Load MB/s = bytes / the resume time (the hyperslab reads with their
-# checksums, the SHA-256 of every file). dd writes the same number of bytes with conv=fsync and
-# reads them back. Before each read, dd's and the resume's, the page cache is dropped when the
+# Fletcher-32 checks). dd writes the same number of bytes with conv=fsync and reads them back,
+# through the page cache (bs=1M: the goal's baseline); moeforge moves chunk data with O_DIRECT
+# (checkpoint.direct_io), so dd with oflag/iflag=direct (bs=8M) is timed too and printed beside. Before each read, dd's and the resume's, the page cache is dropped when the
 # script may (root), so both read the disk as a job resumed on a fresh node does; otherwise both
 # read from the page cache and the report says so. Builds `moeforge` in $MOEFORGE_BUILD_DIR or
 # build/ (configured already), or runs the binary $MOEFORGE_BIN as it is (to compare two builds).
@@ -64,7 +65,7 @@ dd_seconds() { sed -n 's/.* copied, \([0-9.]*\) s, .*/\1/p' | tail -1; }
 # Rounds of: dd write, a synchronous save at step 2, dd read, a resume of the save. The disk's
 # speed drifts (other tenants, the host's cache), so each save is compared with the dd run next
 # to it and the median of the rounds' ratios is reported.
-save_ratios=() load_ratios=() save_rates=() load_rates=() dd_w_rates=() dd_r_rates=()
+save_ratios=() load_ratios=() save_direct_ratios=() load_direct_ratios=() save_rates=() load_rates=() dd_w_rates=() dd_r_rates=()
 for round in $(seq "$rounds"); do
   rm -rf "$dir/ckpt"
   save_log=$(run 2 --set checkpoint.dir="$dir/ckpt" --set checkpoint.every=2)
@@ -76,16 +77,22 @@ for round in $(seq "$rounds"); do
   drop_caches
   dd_r_s=$(dd if="$dir/dd.bin" of=/dev/null bs=1M 2>&1 | dd_seconds)
   rm -f "$dir/dd.bin"
+  dd_wd_s=$(dd if=/dev/zero of="$dir/dd.bin" bs=8M count="$(( (mb + 7) / 8 ))" oflag=direct conv=fsync 2>&1 | dd_seconds)
+  drop_caches
+  dd_rd_s=$(dd if="$dir/dd.bin" of=/dev/null bs=8M iflag=direct 2>&1 | dd_seconds)
+  rm -f "$dir/dd.bin"
   drop_caches
   load_log=$(run 2 --set checkpoint.dir="$dir/ckpt" --resume auto)
   load_s=$(echo "$load_log" | field '.*resumed from .* in \([0-9.]*\) s.*')
   [ -n "$load_s" ] || { echo "bench-ckpt: the resume run failed:" >&2; echo "$load_log" >&2; exit 1; }
-  dd_bytes=$((mb * 1048576))
-  read -r sr lr dwr drr srat lrat < <(awk -v b="$bytes" -v db="$dd_bytes" -v s="$save_s" -v l="$load_s" \
-      -v w="$dd_w_s" -v r="$dd_r_s" 'BEGIN { printf "%.1f %.1f %.1f %.1f %.3f %.3f\n", b/1e6/s, b/1e6/l, db/1e6/w, db/1e6/r, (b/s)/(db/w), (b/l)/(db/r) }')
-  printf "round %d: save %7.1f MB/s vs dd write %7.1f MB/s (%3.0f%%)   load %7.1f MB/s vs dd read %7.1f MB/s (%3.0f%%)\n" \
-    "$round" "$sr" "$dwr" "$(awk -v x="$srat" 'BEGIN{print x*100}')" "$lr" "$drr" "$(awk -v x="$lrat" 'BEGIN{print x*100}')"
-  save_ratios+=("$srat"); load_ratios+=("$lrat")
+  dd_bytes=$((mb * 1048576)) ddd_bytes=$(( (mb + 7) / 8 * 8 * 1048576 ))
+  read -r sr lr dwr drr srat lrat dwdr drdr < <(awk -v b="$bytes" -v db="$dd_bytes" -v s="$save_s" -v l="$load_s" \
+      -v w="$dd_w_s" -v r="$dd_r_s" -v dd="$ddd_bytes" -v wd="$dd_wd_s" -v rd="$dd_rd_s" \
+      'BEGIN { printf "%.1f %.1f %.1f %.1f %.3f %.3f %.1f %.1f\n", b/1e6/s, b/1e6/l, db/1e6/w, db/1e6/r, (b/s)/(db/w), (b/l)/(db/r), dd/1e6/wd, dd/1e6/rd }')
+  printf "round %d: save %7.1f MB/s vs dd write %7.1f MB/s (%3.0f%%; dd O_DIRECT %7.1f)   load %7.1f MB/s vs dd read %7.1f MB/s (%3.0f%%; dd O_DIRECT %7.1f)\n" \
+    "$round" "$sr" "$dwr" "$(awk -v x="$srat" 'BEGIN{print x*100}')" "$dwdr" "$lr" "$drr" "$(awk -v x="$lrat" 'BEGIN{print x*100}')" "$drdr"
+  save_ratios+=("$srat"); load_ratios+=("$lrat"); save_direct_ratios+=("$(awk -v a="$sr" -v b="$dwdr" 'BEGIN{print a/b}')")
+  load_direct_ratios+=("$(awk -v a="$lr" -v b="$drdr" 'BEGIN{print a/b}')")
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
@@ -104,9 +111,10 @@ PY
 )
 
 awk -v b="$bytes" -v sm="$(median "${save_ratios[@]}")" -v lm="$(median "${load_ratios[@]}")" -v cold="$cold" \
+    -v smd="$(median "${save_direct_ratios[@]}")" -v lmd="$(median "${load_direct_ratios[@]}")" \
     -v n="$rounds" -v stall="$stall" -v step="$step_s" -v waited="$waited" 'BEGIN {
   printf "checkpoint %.1f MB (%s), %d rounds, reads %s\n", b / 1e6, "'"$config"'", n, cold == "yes" ? "after dropping the page cache" : "from the page cache (not root: caches kept)"
-  printf "save: median %.0f%% of dd write (conv=fsync)\n", sm * 100
-  printf "load: median %.0f%% of dd read\n", lm * 100
+  printf "save: median %.0f%% of dd write (conv=fsync)   [%.0f%% of dd oflag=direct]\n", sm * 100, smd * 100
+  printf "load: median %.0f%% of dd read                  [%.0f%% of dd iflag=direct]\n", lm * 100, lmd * 100
   printf "async save: %.3f s stall per save (snapshot), mean step %.3f s; %.3f s in all waiting for a previous save\n", stall, step, waited
 }'
