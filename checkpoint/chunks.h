@@ -64,8 +64,7 @@ void copy_box(const float* src, std::span<const int64_t> src_shape, std::span<co
               float* dst, std::span<const int64_t> dst_shape, std::span<const int64_t> dst_offset,
               std::span<const int64_t> count);
 
-// Threads for checkpoint I/O: $MOEFORGE_IO_THREADS when set (>= 1), else the hardware's threads,
-// at least 4 and at most 8.
+// Threads for checkpoint I/O: $MOEFORGE_IO_THREADS when set (>= 1), else 8.
 int io_threads();
 
 // Runs produce(i) for every i in [0, n) on up to `threads` worker threads, never more than
