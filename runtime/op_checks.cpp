@@ -1,11 +1,38 @@
 #include "runtime/op_checks.h"
 
+#include "runtime/ops.h"
+
 namespace moeforge::ops::detail {
 
 void check_dtype(std::string_view op, NamedTensor t, DType dtype) {
   MOE_CHECK(t.t.defined(), "{}: {} is undefined", op, t.name);
   MOE_CHECK(t.t.dtype() == dtype, "{}: {} must be {}, got {} with shape {}", op, t.name, dtype_name(dtype),
             dtype_name(t.t.dtype()), t.t.shape().str());
+}
+
+void check_float(std::string_view op, NamedTensor t) {
+  MOE_CHECK(t.t.defined(), "{}: {} is undefined", op, t.name);
+  MOE_CHECK(t.t.dtype() == DType::kF32 || t.t.dtype() == DType::kBF16, "{}: {} must be f32 or bf16, got {} with shape {}",
+            op, t.name, dtype_name(t.t.dtype()), t.t.shape().str());
+}
+
+void check_same_dtype(std::string_view op, NamedTensor t, NamedTensor ref) {
+  MOE_CHECK(t.t.defined(), "{}: {} is undefined", op, t.name);
+  MOE_CHECK(t.t.dtype() == ref.t.dtype(), "{}: {} is {} but {} is {}; they must have the same dtype", op, t.name,
+            dtype_name(t.t.dtype()), ref.name, dtype_name(ref.t.dtype()));
+}
+
+Widened::Widened(const Tensor& t, Use use) : orig_(t), use_(use) {
+  if (!t.defined() || t.dtype() != DType::kBF16) {
+    wide_ = t;
+    return;
+  }
+  wide_ = Tensor::empty(t.shape(), DType::kF32, t.device());
+  if (use != kOut) ops::cast(t, wide_);
+}
+
+void Widened::finish() const {
+  if (use_ != kIn && orig_.defined() && !orig_.shares_storage(wide_)) ops::cast(wide_, orig_);
 }
 
 Device check_same_device(std::string_view op, std::initializer_list<NamedTensor> ts) {

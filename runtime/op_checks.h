@@ -17,6 +17,10 @@ struct NamedTensor {
 
 // t is defined and has dtype `dtype`.
 void check_dtype(std::string_view op, NamedTensor t, DType dtype);
+// t is defined and is f32 or bf16, the compute dtypes (runtime/ops.h, "Dtypes").
+void check_float(std::string_view op, NamedTensor t);
+// t is defined and has ref's dtype.
+void check_same_dtype(std::string_view op, NamedTensor t, NamedTensor ref);
 // All tensors are defined and live on the same device; returns that device.
 Device check_same_device(std::string_view op, std::initializer_list<NamedTensor> ts);
 // t has exactly `expected`; `ref` is the argument whose shape determined the expectation.
@@ -35,6 +39,24 @@ inline int64_t matrix_rows(const Tensor& t) {
 }
 
 [[noreturn]] void no_backend(std::string_view op, Device device);
+
+// Mixed precision by widening (runtime/ops.h, "Dtypes"): a kernel that computes in f32 only runs
+// on f32 copies of its bf16 operands, made on the operands' device with ops::cast, and its bf16
+// outputs are rounded once, at finish(). An f32 operand is used as it is (no copy), so the f32
+// path of an op is exactly what it was. Inputs are widened at construction; outputs that the
+// kernel accumulates into (kInOut) too.
+class Widened {
+ public:
+  enum Use { kIn, kOut, kInOut };
+  Widened(const Tensor& t, Use use);
+  const Tensor& f32() const { return wide_; }
+  // Rounds a bf16 output back into its tensor (nothing for inputs or f32 tensors).
+  void finish() const;
+
+ private:
+  Tensor orig_, wide_;
+  Use use_;
+};
 
 // The argument checks of ops::router_fwd (runtime/ops_moe.cpp), for ops that take the same
 // arguments and more (cuda::router_fwd_with_stats); returns the tensors' device.

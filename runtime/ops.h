@@ -7,8 +7,17 @@
 // Conventions
 //  - Shape letters: N rows (tokens, = B*T), B batch, T sequence, C width, H heads, Hkv kv heads,
 //    D head dim, E experts, K top-k, F expert hidden, V vocab, M permuted token copies (= N*K).
-//  - Float tensors are f32 on CPU. Index tensors are i32 (ids, experts, positions) or i64
-//    (offsets, counts).
+//  - Dtypes (bf16 mixed precision). Float tensors are f32 or bf16; index tensors are i32 (ids,
+//    experts, positions) or i64 (offsets, counts). Every op computes in f32 and rounds a bf16
+//    output once. Activations and activation gradients ("F" below: x, out, dout, dx, q, k, v,
+//    gate, up, logits, ...) are f32 or bf16, the same dtype within an op; weights (w, table) may
+//    be f32 or bf16 independently of the activations; parameter-gradient outputs (dw, dtable) are
+//    f32 (mixed precision's fp32 gradients) or F. Statistics stay f32 whatever the activations:
+//    rstd, lse, losses, CE partials, and everything of routing (logits, probs, weights, the
+//    aux and z losses). gemm: a and b share a dtype; f32 a/b give f32 c, bf16 a/b give bf16 or
+//    f32 c. With f32 tensors every op is what it always was. Kernels that compute in f32 only
+//    (the CPU backend; CUDA kernels not yet written for bf16) run on widened f32 copies of
+//    bf16 operands (detail::Widened); CUDA's gemm (cuBLASLt) and attention take bf16 natively.
 //  - Gradient rule (as in llm.c): parameter gradients accumulate (+=), activation gradients are
 //    written (=). The exceptions say so (router_z_loss_bwd adds a loss term's gradient).
 //  - Outputs are passed as `const Tensor&` (Tensor is a handle) and must be preallocated with the
@@ -22,6 +31,8 @@ namespace moeforge::ops {
 // ---- elementwise and reductions -----------------------------------------------------------------
 void fill(const Tensor& t, float value);               // t = value
 void copy(const Tensor& src, const Tensor& dst);       // dst = src (same shape and dtype)
+// dst = src converted (same shape; f32 <-> bf16, round to nearest even, NaN stays NaN).
+void cast(const Tensor& src, const Tensor& dst);
 void add(const Tensor& a, const Tensor& b, const Tensor& out);  // out = a + b; out may alias a or b
 void add_(const Tensor& dst, const Tensor& src, float alpha = 1.0f);  // dst += alpha * src
 void scale_(const Tensor& t, float alpha);             // t *= alpha

@@ -15,10 +15,12 @@ using detail::check_shape;
 
 namespace {
 
-// The dtype of q, k, v and the other activations: f32, or bf16 on a CUDA device (the fused
-// attention of runtime/cuda/flash_attention*.cu, mixed precision); lse is always f32.
-DType activation_dtype(const Device& dev, const Tensor& q) {
-  return dev.is_cuda() && q.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32;
+// The dtype of q, k, v and the other activations: f32 or bf16 (q's; on CUDA bf16 runs the fused
+// flash attention of runtime/cuda/flash_attention*.cu, on the CPU the f32 kernel on widened
+// copies); lse is always f32.
+DType activation_dtype(std::string_view op, const Tensor& q) {
+  detail::check_float(op, {"q", q});
+  return q.dtype();
 }
 
 // q (B, T, H, D), k and v (B, T, Hkv, D) with H a multiple of Hkv, lse (B, H, T) f32.
@@ -47,10 +49,17 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scal
                    const Tensor& lse) {
   constexpr std::string_view op = "attention_fwd";
   const Device dev = check_same_device(op, {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}});
-  const DType dtype = activation_dtype(dev, q);
+  const DType dtype = activation_dtype(op, q);
   check_qkv(op, dtype, q, k, v, lse);
   check_dtype(op, {"out", out}, dtype);
   check_same_shape(op, {"out", out}, {"q", q});
+  if (dev.is_cpu() && dtype == DType::kBF16) {
+    using detail::Widened;
+    const Widened wq(q, Widened::kIn), wk(k, Widened::kIn), wv(v, Widened::kIn), wo(out, Widened::kOut);
+    cpu::attention_fwd(wq.f32(), wk.f32(), wv.f32(), scale, wo.f32(), lse);
+    wo.finish();
+    return;
+  }
   MOE_DISPATCH(attention_fwd, dev, q, k, v, scale, out, lse);
 }
 
@@ -60,7 +69,7 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   const Device dev = check_same_device(
       op,
       {{"q", q}, {"k", k}, {"v", v}, {"out", out}, {"lse", lse}, {"dout", dout}, {"dq", dq}, {"dk", dk}, {"dv", dv}});
-  const DType dtype = activation_dtype(dev, q);
+  const DType dtype = activation_dtype(op, q);
   check_qkv(op, dtype, q, k, v, lse);
   for (const detail::NamedTensor t : {detail::NamedTensor{"out", out}, {"dout", dout}, {"dq", dq}}) {
     check_dtype(op, t, dtype);
@@ -69,6 +78,16 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   for (const detail::NamedTensor t : {detail::NamedTensor{"dk", dk}, {"dv", dv}}) {
     check_dtype(op, t, dtype);
     check_same_shape(op, t, {"k", k});
+  }
+  if (dev.is_cpu() && dtype == DType::kBF16) {
+    using detail::Widened;
+    const Widened wq(q, Widened::kIn), wk(k, Widened::kIn), wv(v, Widened::kIn), wo(out, Widened::kIn),
+        wd(dout, Widened::kIn), wdq(dq, Widened::kOut), wdk(dk, Widened::kOut), wdv(dv, Widened::kOut);
+    cpu::attention_bwd(wq.f32(), wk.f32(), wv.f32(), wo.f32(), lse, wd.f32(), scale, wdq.f32(), wdk.f32(), wdv.f32());
+    wdq.finish();
+    wdk.finish();
+    wdv.finish();
+    return;
   }
   MOE_DISPATCH(attention_bwd, dev, q, k, v, out, lse, dout, scale, dq, dk, dv);
 }

@@ -10,12 +10,15 @@
 namespace moeforge::ops {
 
 using detail::check_dtype;
+using detail::check_float;
 using detail::check_ndim;
 using detail::check_same_device;
+using detail::check_same_dtype;
 using detail::check_same_shape;
 using detail::check_shape;
 using detail::matrix_rows;
 using detail::NamedTensor;
+using detail::Widened;
 
 namespace {
 
@@ -45,7 +48,7 @@ void check_rope_input(const char* op, NamedTensor x, float theta) {
 
 // logits (N, V) with V >= 1; targets (N) i32.
 void check_logits_targets(const char* op, const Tensor& logits, const Tensor& targets) {
-  check_dtype(op, {"logits", logits}, DType::kF32);
+  check_float(op, {"logits", logits});
   check_dtype(op, {"targets", targets}, DType::kI32);
   check_ndim(op, {"logits", logits}, 2);
   MOE_CHECK(logits.dim(1) > 0, "{}: logits must have at least one column, got shape {}", op, logits.shape().str());
@@ -81,13 +84,15 @@ void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out, in
   const char* op = "embedding_fwd";
   const Device dev = check_same_device(op, {{"ids", ids}, {"table", table}, {"out", out}});
   check_dtype(op, {"ids", ids}, DType::kI32);
-  check_dtype(op, {"table", table}, DType::kF32);
-  check_dtype(op, {"out", out}, DType::kF32);
+  check_float(op, {"table", table});
+  check_float(op, {"out", out});
   check_ndim(op, {"ids", ids}, 1);
   check_ndim(op, {"table", table}, 2);
   check_rows(op, {"out", out}, {"ids", ids}, {"table", table});
   const int64_t vocab = check_vocab_slice(op, table, vocab_start, vocab_size);
-  MOE_DISPATCH(embedding_fwd, dev, ids, table, out, vocab_start, vocab);
+  const Widened wt(table, Widened::kIn), wo(out, Widened::kOut);
+  MOE_DISPATCH(embedding_fwd, dev, ids, wt.f32(), wo.f32(), vocab_start, vocab);
+  wo.finish();
 }
 
 void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable, int64_t vocab_start,
@@ -95,28 +100,32 @@ void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable, 
   const char* op = "embedding_bwd";
   const Device dev = check_same_device(op, {{"ids", ids}, {"dout", dout}, {"dtable", dtable}});
   check_dtype(op, {"ids", ids}, DType::kI32);
-  check_dtype(op, {"dout", dout}, DType::kF32);
-  check_dtype(op, {"dtable", dtable}, DType::kF32);
+  check_float(op, {"dout", dout});
+  check_float(op, {"dtable", dtable});
   check_ndim(op, {"ids", ids}, 1);
   check_ndim(op, {"dtable", dtable}, 2);
   check_rows(op, {"dout", dout}, {"ids", ids}, {"dtable", dtable});
   const int64_t vocab = check_vocab_slice(op, dtable, vocab_start, vocab_size);
-  MOE_DISPATCH(embedding_bwd, dev, ids, dout, dtable, vocab_start, vocab);
+  const Widened wd(dout, Widened::kIn), wt(dtable, Widened::kInOut);
+  MOE_DISPATCH(embedding_bwd, dev, ids, wd.f32(), wt.f32(), vocab_start, vocab);
+  wt.finish();
 }
 
 void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& out, const Tensor& rstd) {
   const char* op = "rmsnorm_fwd";
   const Device dev = check_same_device(op, {{"x", x}, {"w", w}, {"out", out}, {"rstd", rstd}});
-  check_dtype(op, {"x", x}, DType::kF32);
-  check_dtype(op, {"w", w}, DType::kF32);
-  check_dtype(op, {"out", out}, DType::kF32);
+  check_float(op, {"x", x});
+  check_float(op, {"w", w});
+  check_same_dtype(op, {"out", out}, {"x", x});
   check_dtype(op, {"rstd", rstd}, DType::kF32);
   const int64_t c = check_norm_input(op, {"x", x});
   check_shape(op, {"w", w}, {c}, {"x", x});
   check_same_shape(op, {"out", out}, {"x", x});
   check_shape(op, {"rstd", rstd}, {matrix_rows(x)}, {"x", x});
   MOE_CHECK(std::isfinite(eps) && eps > 0.0f, "{}: eps must be a positive finite number, got {}", op, eps);
-  MOE_DISPATCH(rmsnorm_fwd, dev, x, w, eps, out, rstd);
+  const Widened wx(x, Widened::kIn), ww(w, Widened::kIn), wo(out, Widened::kOut);
+  MOE_DISPATCH(rmsnorm_fwd, dev, wx.f32(), ww.f32(), eps, wo.f32(), rstd);
+  wo.finish();
 }
 
 void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dout, const Tensor& dx,
@@ -124,66 +133,80 @@ void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Ten
   const char* op = "rmsnorm_bwd";
   const Device dev = check_same_device(
       op, {{"x", x}, {"w", w}, {"rstd", rstd}, {"dout", dout}, {"dx", dx}, {"dw", dw}});
-  check_dtype(op, {"x", x}, DType::kF32);
-  check_dtype(op, {"w", w}, DType::kF32);
+  check_float(op, {"x", x});
+  check_float(op, {"w", w});
   check_dtype(op, {"rstd", rstd}, DType::kF32);
-  check_dtype(op, {"dout", dout}, DType::kF32);
-  check_dtype(op, {"dx", dx}, DType::kF32);
-  check_dtype(op, {"dw", dw}, DType::kF32);
+  check_same_dtype(op, {"dout", dout}, {"x", x});
+  check_same_dtype(op, {"dx", dx}, {"x", x});
+  check_float(op, {"dw", dw});
   const int64_t c = check_norm_input(op, {"x", x});
   check_shape(op, {"w", w}, {c}, {"x", x});
   check_shape(op, {"rstd", rstd}, {matrix_rows(x)}, {"x", x});
   check_same_shape(op, {"dout", dout}, {"x", x});
   check_same_shape(op, {"dx", dx}, {"x", x});
   check_same_shape(op, {"dw", dw}, {"w", w});
-  MOE_DISPATCH(rmsnorm_bwd, dev, x, w, rstd, dout, dx, dw);
+  const Widened wx(x, Widened::kIn), ww(w, Widened::kIn), wd(dout, Widened::kIn), wdx(dx, Widened::kOut),
+      wdw(dw, Widened::kInOut);
+  MOE_DISPATCH(rmsnorm_bwd, dev, wx.f32(), ww.f32(), rstd, wd.f32(), wdx.f32(), wdw.f32());
+  wdx.finish();
+  wdw.finish();
 }
 
 void rope_fwd(const Tensor& x, float theta, const Tensor& out) {
   const char* op = "rope_fwd";
   const Device dev = check_same_device(op, {{"x", x}, {"out", out}});
-  check_dtype(op, {"x", x}, DType::kF32);
-  check_dtype(op, {"out", out}, DType::kF32);
+  check_float(op, {"x", x});
+  check_same_dtype(op, {"out", out}, {"x", x});
   check_rope_input(op, {"x", x}, theta);
   check_same_shape(op, {"out", out}, {"x", x});
-  MOE_DISPATCH(rope_fwd, dev, x, theta, out);
+  const Widened wx(x, Widened::kIn), wo(out, Widened::kOut);
+  MOE_DISPATCH(rope_fwd, dev, wx.f32(), theta, wo.f32());
+  wo.finish();
 }
 
 void rope_bwd(const Tensor& dout, float theta, const Tensor& dx) {
   const char* op = "rope_bwd";
   const Device dev = check_same_device(op, {{"dout", dout}, {"dx", dx}});
-  check_dtype(op, {"dout", dout}, DType::kF32);
-  check_dtype(op, {"dx", dx}, DType::kF32);
+  check_float(op, {"dout", dout});
+  check_same_dtype(op, {"dx", dx}, {"dout", dout});
   check_rope_input(op, {"dout", dout}, theta);
   check_same_shape(op, {"dx", dx}, {"dout", dout});
-  MOE_DISPATCH(rope_bwd, dev, dout, theta, dx);
+  const Widened wd(dout, Widened::kIn), wx(dx, Widened::kOut);
+  MOE_DISPATCH(rope_bwd, dev, wd.f32(), theta, wx.f32());
+  wx.finish();
 }
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out) {
   const char* op = "swiglu_fwd";
   const Device dev = check_same_device(op, {{"gate", gate}, {"up", up}, {"out", out}});
-  check_dtype(op, {"gate", gate}, DType::kF32);
-  check_dtype(op, {"up", up}, DType::kF32);
-  check_dtype(op, {"out", out}, DType::kF32);
+  check_float(op, {"gate", gate});
+  check_same_dtype(op, {"up", up}, {"gate", gate});
+  check_same_dtype(op, {"out", out}, {"gate", gate});
   check_same_shape(op, {"up", up}, {"gate", gate});
   check_same_shape(op, {"out", out}, {"gate", gate});
-  MOE_DISPATCH(swiglu_fwd, dev, gate, up, out);
+  const Widened wg(gate, Widened::kIn), wu(up, Widened::kIn), wo(out, Widened::kOut);
+  MOE_DISPATCH(swiglu_fwd, dev, wg.f32(), wu.f32(), wo.f32());
+  wo.finish();
 }
 
 void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dout, const Tensor& dgate, const Tensor& dup) {
   const char* op = "swiglu_bwd";
   const Device dev = check_same_device(
       op, {{"gate", gate}, {"up", up}, {"dout", dout}, {"dgate", dgate}, {"dup", dup}});
-  check_dtype(op, {"gate", gate}, DType::kF32);
-  check_dtype(op, {"up", up}, DType::kF32);
-  check_dtype(op, {"dout", dout}, DType::kF32);
-  check_dtype(op, {"dgate", dgate}, DType::kF32);
-  check_dtype(op, {"dup", dup}, DType::kF32);
+  check_float(op, {"gate", gate});
+  check_same_dtype(op, {"up", up}, {"gate", gate});
+  check_same_dtype(op, {"dout", dout}, {"gate", gate});
+  check_same_dtype(op, {"dgate", dgate}, {"gate", gate});
+  check_same_dtype(op, {"dup", dup}, {"gate", gate});
   check_same_shape(op, {"up", up}, {"gate", gate});
   check_same_shape(op, {"dout", dout}, {"gate", gate});
   check_same_shape(op, {"dgate", dgate}, {"gate", gate});
   check_same_shape(op, {"dup", dup}, {"gate", gate});
-  MOE_DISPATCH(swiglu_bwd, dev, gate, up, dout, dgate, dup);
+  const Widened wg(gate, Widened::kIn), wu(up, Widened::kIn), wd(dout, Widened::kIn), wdg(dgate, Widened::kOut),
+      wdu(dup, Widened::kOut);
+  MOE_DISPATCH(swiglu_bwd, dev, wg.f32(), wu.f32(), wd.f32(), wdg.f32(), wdu.f32());
+  wdg.finish();
+  wdu.finish();
 }
 
 void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& losses, const Tensor& lse) {
@@ -195,7 +218,8 @@ void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor
   check_dtype(op, {"lse", lse}, DType::kF32);
   check_shape(op, {"losses", losses}, {logits.dim(0)}, {"logits", logits});
   check_shape(op, {"lse", lse}, {logits.dim(0)}, {"logits", logits});
-  MOE_DISPATCH(cross_entropy_fwd, dev, logits, targets, losses, lse);
+  const Widened wl(logits, Widened::kIn);
+  MOE_DISPATCH(cross_entropy_fwd, dev, wl.f32(), targets, losses, lse);
 }
 
 void cross_entropy_partial_fwd(const Tensor& logits, const Tensor& targets, int64_t vocab_start, int64_t valid_cols,
@@ -206,7 +230,8 @@ void cross_entropy_partial_fwd(const Tensor& logits, const Tensor& targets, int6
   check_logits_shard(op, logits, vocab_start, valid_cols);
   check_dtype(op, {"partial", partial}, DType::kF32);
   check_shape(op, {"partial", partial}, {logits.dim(0), 3}, {"logits", logits});
-  MOE_DISPATCH(cross_entropy_partial_fwd, dev, logits, targets, vocab_start, valid_cols, partial);
+  const Widened wl(logits, Widened::kIn);
+  MOE_DISPATCH(cross_entropy_partial_fwd, dev, wl.f32(), targets, vocab_start, valid_cols, partial);
 }
 
 void cross_entropy_combine(const Tensor& partials, const Tensor& targets, int64_t vocab_size, const Tensor& losses,
@@ -244,10 +269,13 @@ void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor
     check_logits_shard(op, logits, vocab_start, valid_cols);
   }
   check_dtype(op, {"lse", lse}, DType::kF32);
-  check_dtype(op, {"dlogits", dlogits}, DType::kF32);
+  check_same_dtype(op, {"dlogits", dlogits}, {"logits", logits});
   check_shape(op, {"lse", lse}, {logits.dim(0)}, {"logits", logits});
   check_same_shape(op, {"dlogits", dlogits}, {"logits", logits});
-  MOE_DISPATCH(cross_entropy_bwd, dev, logits, targets, lse, scale, dlogits, vocab_start, valid_cols);
+  // bf16: the widened logits are a copy, so dlogits may still alias logits.
+  const Widened wl(logits, Widened::kIn), wd(dlogits, Widened::kOut);
+  MOE_DISPATCH(cross_entropy_bwd, dev, wl.f32(), targets, lse, scale, wd.f32(), vocab_start, valid_cols);
+  wd.finish();
 }
 
 }  // namespace moeforge::ops

@@ -11,6 +11,7 @@
 namespace moeforge::ops {
 
 using detail::check_dtype;
+using detail::Widened;
 using detail::check_ndim;
 using detail::check_same_device;
 using detail::check_same_shape;
@@ -42,7 +43,7 @@ void check_positions(std::string_view op, const Tensor& positions) {
 // The expert-grouped buffer t (M, cols) of the copies planned in positions (N, K): M <= N * K
 // (fewer when capacity mode dropped copies; the kernel checks M against the kept copies).
 void check_copy_rows(std::string_view op, NamedTensor t, const Tensor& positions, int64_t cols, NamedTensor ref) {
-  check_dtype(op, t, DType::kF32);
+  detail::check_float(op, t);
   MOE_CHECK(t.t.ndim() == 2 && t.t.dim(1) == cols && t.t.dim(0) <= positions.numel(),
             "{}: {} has shape {} but positions has shape {} and {} has shape {}; expected {} of shape (M, {}) "
             "with M <= {}",
@@ -210,24 +211,29 @@ void moe_apply_capacity(const Tensor& experts, int64_t capacity, const Tensor& b
 void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out) {
   constexpr std::string_view op = "moe_permute_fwd";
   const Device dev = check_same_device(op, {{"x", x}, {"positions", positions}, {"out", out}});
-  check_dtype(op, {"x", x}, DType::kF32);
+  detail::check_float(op, {"x", x});
   check_ndim(op, {"x", x}, 2);
   check_positions(op, positions);
   check_shape(op, {"positions", positions}, Shape{x.dim(0), positions.dim(1)}, {"x", x});
   check_copy_rows(op, {"out", out}, positions, x.dim(1), {"x", x});
-  MOE_DISPATCH(moe_permute_fwd, dev, x, positions, out);
+  detail::check_same_dtype(op, {"out", out}, {"x", x});
+  const Widened wx(x, Widened::kIn), wo(out, Widened::kOut);
+  MOE_DISPATCH(moe_permute_fwd, dev, wx.f32(), positions, wo.f32());
+  wo.finish();
 }
 
 void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& dx) {
   constexpr std::string_view op = "moe_permute_bwd";
   const Device dev = check_same_device(op, {{"dout", dout}, {"positions", positions}, {"dx", dx}});
   check_positions(op, positions);
-  check_dtype(op, {"dout", dout}, DType::kF32);
+  detail::check_float(op, {"dout", dout});
   check_ndim(op, {"dout", dout}, 2);
   check_copy_rows(op, {"dout", dout}, positions, dout.dim(1), {"dout", dout});
-  check_dtype(op, {"dx", dx}, DType::kF32);
+  detail::check_same_dtype(op, {"dx", dx}, {"dout", dout});
   check_shape(op, {"dx", dx}, Shape{positions.dim(0), dout.dim(1)}, {"dout", dout});
-  MOE_DISPATCH(moe_permute_bwd, dev, dout, positions, dx);
+  const Widened wd(dout, Widened::kIn), wx(dx, Widened::kOut);
+  MOE_DISPATCH(moe_permute_bwd, dev, wd.f32(), positions, wx.f32());
+  wx.finish();
 }
 
 namespace {
@@ -236,7 +242,7 @@ void check_combine_inputs(std::string_view op, const Tensor& y, const Tensor& po
   check_positions(op, positions);
   check_dtype(op, {"weights", weights}, DType::kF32);
   check_same_shape(op, {"weights", weights}, {"positions", positions});
-  check_dtype(op, {"y", y}, DType::kF32);
+  detail::check_float(op, {"y", y});
   check_ndim(op, {"y", y}, 2);
   check_copy_rows(op, {"y", y}, positions, y.dim(1), {"y", y});
 }
@@ -247,9 +253,11 @@ void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& w
   const Device dev =
       check_same_device(op, {{"y", y}, {"positions", positions}, {"weights", weights}, {"out", out}});
   check_combine_inputs(op, y, positions, weights);
-  check_dtype(op, {"out", out}, DType::kF32);
+  detail::check_same_dtype(op, {"out", out}, {"y", y});
   check_shape(op, {"out", out}, Shape{positions.dim(0), y.dim(1)}, {"y", y});
-  MOE_DISPATCH(moe_unpermute_fwd, dev, y, positions, weights, out);
+  const Widened wy(y, Widened::kIn), wo(out, Widened::kOut);
+  MOE_DISPATCH(moe_unpermute_fwd, dev, wy.f32(), positions, weights, wo.f32());
+  wo.finish();
 }
 
 void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& dout,
@@ -258,22 +266,24 @@ void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& w
   const Device dev = check_same_device(op, {{"y", y}, {"positions", positions}, {"weights", weights},
                                             {"dout", dout}, {"dy", dy}, {"dweights", dweights}});
   check_combine_inputs(op, y, positions, weights);
-  check_dtype(op, {"dout", dout}, DType::kF32);
+  detail::check_same_dtype(op, {"dout", dout}, {"y", y});
   check_shape(op, {"dout", dout}, Shape{positions.dim(0), y.dim(1)}, {"y", y});
-  check_dtype(op, {"dy", dy}, DType::kF32);
+  detail::check_same_dtype(op, {"dy", dy}, {"y", y});
   check_same_shape(op, {"dy", dy}, {"y", y});
   check_dtype(op, {"dweights", dweights}, DType::kF32);
   check_same_shape(op, {"dweights", dweights}, {"positions", positions});
-  MOE_DISPATCH(moe_unpermute_bwd, dev, y, positions, weights, dout, dy, dweights);
+  const Widened wy(y, Widened::kIn), wd(dout, Widened::kIn), wdy(dy, Widened::kOut);
+  MOE_DISPATCH(moe_unpermute_bwd, dev, wy.f32(), positions, weights, wd.f32(), wdy.f32(), dweights);
+  wdy.finish();
 }
 
 namespace {
 
 // x (M, Cin), w (E, Cout, Cin), offsets (E+1) i64; their values are checked by the kernel.
 void check_grouped_gemm_inputs(std::string_view op, const Tensor& x, const Tensor& w, const Tensor& offsets) {
-  check_dtype(op, {"x", x}, DType::kF32);
+  detail::check_float(op, {"x", x});
   check_ndim(op, {"x", x}, 2);
-  check_dtype(op, {"w", w}, DType::kF32);
+  detail::check_same_dtype(op, {"w", w}, {"x", x});
   check_ndim(op, {"w", w}, 3);
   check_shape(op, {"w", w}, Shape{w.dim(0), w.dim(1), x.dim(1)}, {"x", x});
   check_dtype(op, {"offsets", offsets}, DType::kI64);
@@ -286,9 +296,11 @@ void grouped_gemm_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, c
   constexpr std::string_view op = "grouped_gemm_fwd";
   const Device dev = check_same_device(op, {{"x", x}, {"w", w}, {"offsets", offsets}, {"out", out}});
   check_grouped_gemm_inputs(op, x, w, offsets);
-  check_dtype(op, {"out", out}, DType::kF32);
+  detail::check_same_dtype(op, {"out", out}, {"x", x});
   check_shape(op, {"out", out}, Shape{x.dim(0), w.dim(1)}, {"w", w});
-  MOE_DISPATCH(grouped_gemm_fwd, dev, x, w, offsets, out);
+  const Widened wx(x, Widened::kIn), ww(w, Widened::kIn), wo(out, Widened::kOut);
+  MOE_DISPATCH(grouped_gemm_fwd, dev, wx.f32(), ww.f32(), offsets, wo.f32());
+  wo.finish();
 }
 
 void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dout, const Tensor& dx,
@@ -297,13 +309,18 @@ void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, c
   const Device dev = check_same_device(
       op, {{"x", x}, {"w", w}, {"offsets", offsets}, {"dout", dout}, {"dx", dx}, {"dw", dw}});
   check_grouped_gemm_inputs(op, x, w, offsets);
-  check_dtype(op, {"dout", dout}, DType::kF32);
+  detail::check_same_dtype(op, {"dout", dout}, {"x", x});
   check_shape(op, {"dout", dout}, Shape{x.dim(0), w.dim(1)}, {"w", w});
-  check_dtype(op, {"dx", dx}, DType::kF32);
+  detail::check_same_dtype(op, {"dx", dx}, {"x", x});
   check_same_shape(op, {"dx", dx}, {"x", x});
-  check_dtype(op, {"dw", dw}, DType::kF32);
+  detail::check_float(op, {"dw", dw});  // f32 (mixed precision's fp32 gradients) or x's dtype
+  if (dw.dtype() != DType::kF32) detail::check_same_dtype(op, {"dw", dw}, {"x", x});
   check_same_shape(op, {"dw", dw}, {"w", w});
-  MOE_DISPATCH(grouped_gemm_bwd, dev, x, w, offsets, dout, dx, dw);
+  const Widened wx(x, Widened::kIn), ww(w, Widened::kIn), wd(dout, Widened::kIn), wdx(dx, Widened::kOut),
+      wdw(dw, Widened::kInOut);
+  MOE_DISPATCH(grouped_gemm_bwd, dev, wx.f32(), ww.f32(), offsets, wd.f32(), wdx.f32(), wdw.f32());
+  wdx.finish();
+  wdw.finish();
 }
 
 }  // namespace moeforge::ops

@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "runtime/half.h"
 #include "runtime/op_checks.h"
 
 namespace moeforge::cpu {
@@ -16,6 +17,12 @@ void fill(const Tensor& t, float value) {
     for (int64_t i = 0; i < n; ++i) p[i] = value;
     return;
   }
+  if (t.dtype() == DType::kBF16) {
+    const bf16 v = to_bf16(value);
+    bf16* p = t.data<bf16>();
+    for (int64_t i = 0; i < n; ++i) p[i] = v;
+    return;
+  }
   if (t.dtype() == DType::kI32) {
     int32_t* p = t.data<int32_t>();
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<int32_t>(value);
@@ -26,11 +33,31 @@ void fill(const Tensor& t, float value) {
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<int64_t>(value);
     return;
   }
-  MOE_THROW("fill: CPU kernel supports f32, i32 and i64, got {}", t.str());
+  MOE_THROW("fill: CPU kernel supports f32, bf16, i32 and i64, got {}", t.str());
 }
 
 void copy(const Tensor& src, const Tensor& dst) {
   if (src.nbytes()) std::memcpy(dst.raw_data(), src.raw_data(), src.nbytes());
+}
+
+void cast(const Tensor& src, const Tensor& dst) {
+  const int64_t n = src.numel();
+  if (src.dtype() == dst.dtype()) return copy(src, dst);
+  if (src.dtype() == DType::kF32 && dst.dtype() == DType::kBF16) {
+    const float* ps = src.data<float>();
+    bf16* pd = dst.data<bf16>();
+#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) pd[i] = to_bf16(ps[i]);
+    return;
+  }
+  if (src.dtype() == DType::kBF16 && dst.dtype() == DType::kF32) {
+    const bf16* ps = src.data<bf16>();
+    float* pd = dst.data<float>();
+#pragma omp parallel for simd schedule(static) if (n > (1 << 16))
+    for (int64_t i = 0; i < n; ++i) pd[i] = to_float(ps[i]);
+    return;
+  }
+  MOE_THROW("cast: CPU kernel converts between f32 and bf16, got {} -> {}", src.str(), dst.str());
 }
 
 void add(const Tensor& a, const Tensor& b, const Tensor& out) {

@@ -8,6 +8,7 @@ namespace moeforge::cpu {
 
 void fill(const Tensor& t, float value);
 void copy(const Tensor& src, const Tensor& dst);
+void cast(const Tensor& src, const Tensor& dst);
 void add(const Tensor& a, const Tensor& b, const Tensor& out);
 void add_(const Tensor& dst, const Tensor& src, float alpha);
 void scale_(const Tensor& t, float alpha);

@@ -106,7 +106,7 @@ TEST(Gemm, DtypeMismatchNamesOpAndDtype) {
     ops::gemm(a, false, b, false, c);
     FAIL() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_STREQ(e.what(), "gemm: a must be f32, got i32 with shape (4, 3)");
+    EXPECT_STREQ(e.what(), "gemm: a must be f32 or bf16, got i32 with shape (4, 3)");
   }
 }
 

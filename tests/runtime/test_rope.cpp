@@ -156,7 +156,7 @@ TEST(Rope, ArgumentErrors) {
             "rope_fwd: x must have 4 dims, got shape (6, 4, 8)");
   EXPECT_EQ(error_of([&] { ops::rope_fwd(y, 0.0f, y); }), "rope_fwd: theta must be a positive finite number, got 0");
   EXPECT_EQ(error_of([&] { ops::rope_fwd(y, 10000.0f, Tensor::empty({2, 3, 4, 8}, DType::kI32)); }),
-            "rope_fwd: out must be f32, got i32 with shape (2, 3, 4, 8)");
+            "rope_fwd: out is i32 but x is f32; they must have the same dtype");
 }
 
 }  // namespace

@@ -110,7 +110,7 @@ TEST(Swiglu, ArgumentErrors) {
             }),
             "swiglu_bwd: dup has shape (24) but gate has shape (4, 6); expected dup of shape (4, 6)");
   EXPECT_EQ(error_of([&] { ops::swiglu_fwd(gate, Tensor::zeros({4, 6}, DType::kI32), gate); }),
-            "swiglu_fwd: up must be f32, got i32 with shape (4, 6)");
+            "swiglu_fwd: up is i32 but gate is f32; they must have the same dtype");
 }
 
 }  // namespace
