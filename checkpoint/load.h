@@ -39,7 +39,9 @@ struct LoadedState {
 // whole model (collective over it); nullptr when `registry` alone holds every parameter.
 // Every chunk read is checked against its Fletcher-32 checksum (and HDF5 checks its metadata);
 // with verify_sha256 each file opened is also hashed, on a thread of its own while the chunks
-// are read, and checked against the manifest's SHA-256.
+// are read, and checked against the manifest's SHA-256. Only the f32 masters are written: a
+// bf16 model's compute copies are the caller's to refresh (ParamRegistry::refresh_compute, once
+// the values are on the registry's device).
 LoadedState load(const std::string& step_dir, ParamRegistry& registry, DistributedOptimizer* optimizer,
                  Comm* pipeline = nullptr, bool verify_sha256 = false);
 

@@ -114,6 +114,7 @@ void Checkpointing::resume(Trainer& trainer, const std::string& resume) {
   const checkpoint::LoadedState s = checkpoint::load(step_dir, trainer.model().registry(), &trainer.optimizer(),
                                                      &grid_.pp(), run_.checkpoint().verify_sha256_on_load());
   staging.restore(/*copy_back=*/true);
+  trainer.model().registry().refresh_compute();  // the bf16 copies of the loaded masters
   const checkpoint::Manifest& m = s.manifest;
   const int64_t batch = run_.train().global_batch();
   MOE_CHECK(m.data_position() == static_cast<uint64_t>(m.step() * batch),

@@ -469,10 +469,6 @@ class Validator {
     non_negative("train.sample_temperature", t.sample_temperature());
     non_negative("train.threads", t.threads());
     // (train.device CUDA is checked where the GPU is chosen, launch/trainer.h: run_device.)
-    if (t.precision() == config::TrainConfig::BF16 && t.device() != config::TrainConfig::CUDA) {
-      origins_.fail({"train.precision", "train.device"},
-                    "BF16 needs train.device: CUDA; the CPU backend computes in fp32 (precision FP32)");
-    }
   }
 
   void optim() {

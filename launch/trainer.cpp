@@ -99,9 +99,9 @@ Trainer::Trainer(const config::RunConfig& run, const ProcessGrid& grid) : run_(r
   MOE_CHECK(grid_.device().is_cuda() == (t.device() == config::TrainConfig::CUDA),
             "Trainer: train.device is {} but the process grid was created for {}",
             config::TrainConfig::Device_Name(t.device()), grid_.device().str());
-  MOE_CHECK(t.precision() == config::TrainConfig::FP32,
-            "train.precision: BF16 mixed precision is not implemented yet; use FP32 (the GPU's fp32 mode)");
-  const ModelConfig mc = model_config_from(run_);
+  ModelConfig mc = model_config_from(run_);
+  // BF16: bf16 weight copies and activations, fp32 masters, gradients and AdamW state.
+  mc.compute_dtype = t.precision() == config::TrainConfig::BF16 ? DType::kBF16 : DType::kF32;
 
   train_data_ = std::make_unique<data::TokenDataset>(run_.data().train(), mc.vocab_size);
   train_sampler_ = std::make_unique<data::Sampler>(*train_data_, t.seq_len(), t.seed());
@@ -159,7 +159,7 @@ Trainer::PipelineRun Trainer::run_pipeline(int64_t micro_batches, uint64_t first
     if (a.forward) fill(*train_sampler_, first_sample + static_cast<uint64_t>(a.micro_batch * t.micro_batch()));
     Tensor in;
     if (a.forward ? g > 0 : g < G - 1) {  // the input comes from the neighbouring pipeline rank
-      in = Tensor::empty({rows, C}, DType::kF32, grid_.device());
+      in = Tensor::empty({rows, C}, model_->compute_dtype(), grid_.device());
       pp.recv(in, a.forward ? (s + P - 1) % P : (s + 1) % P, p2p_tag(g, a.micro_batch, a.forward, m));
     }
     const auto t0 = std::chrono::steady_clock::now();
@@ -201,7 +201,7 @@ StepMetrics Trainer::step() {
   const PipelineRun run = run_pipeline(micro_batches, range.first);
   optimizer_->reduce_gradients();
   m.grad_norm = optimizer_->clip_grad_norm(run_.optim().grad_clip());
-  optimizer_->step(static_cast<float>(m.lr));
+  optimizer_->step(static_cast<float>(m.lr));  // also refreshes bf16 compute copies
 
   // Expert loads of the global batch on every rank: stages hold different layers, DP ranks
   // different data (TP ranks the same numbers).
@@ -254,7 +254,7 @@ Tensor Trainer::pipeline_forward(const Tensor& tokens, const Tensor& targets, Ch
   for (int g = s; g < G; g += P) {  // model order: this rank's chunks are g = c * P + s
     Tensor in;
     if (g > 0) {
-      in = Tensor::empty({rows, model_->config().dim}, DType::kF32, grid_.device());
+      in = Tensor::empty({rows, model_->config().dim}, model_->compute_dtype(), grid_.device());
       pp.recv(in, (s + P - 1) % P, p2p_tag(g, 0, true, 1));
     }
     const int c = g / P;

@@ -36,28 +36,29 @@ void AttentionBlock::forward(int64_t B, int64_t T, const Tensor& h_in, const Ten
   const int64_t C = cfg_.dim, N = B * T, Nl = h_in.dim(0), D = cfg_.head_dim;
   const int64_t H = heads_, Hkv = kv_heads_;
   const Device dev = h_in.device();  // every activation lives where the input does
+  const DType act = h_in.dtype();    // and has its dtype (f32, or bf16 in mixed precision)
   a.h_in = h_in;
-  const Tensor xn_local = Tensor::empty({Nl, C}, DType::kF32, dev);
-  a.rstd = Tensor::empty({Nl}, DType::kF32, dev);
-  ops::rmsnorm_fwd(h_in, norm_->value, cfg_.norm_eps, xn_local, a.rstd);
+  const Tensor xn_local = Tensor::empty({Nl, C}, act, dev);
+  a.rstd = Tensor::empty({Nl}, DType::kF32, dev);  // statistics stay f32
+  ops::rmsnorm_fwd(h_in, norm_->compute, cfg_.norm_eps, xn_local, a.rstd);
   a.xn = gather_rows(tp_, xn_local);
 
-  a.q = Tensor::empty({B, T, H, D}, DType::kF32, dev);
-  a.k = Tensor::empty({B, T, Hkv, D}, DType::kF32, dev);
-  a.v = Tensor::empty({B, T, Hkv, D}, DType::kF32, dev);
-  ops::gemm(a.xn, false, wq_->value, true, a.q.reshape({N, H * D}));
-  ops::gemm(a.xn, false, wk_->value, true, a.k.reshape({N, Hkv * D}));
-  ops::gemm(a.xn, false, wv_->value, true, a.v.reshape({N, Hkv * D}));
+  a.q = Tensor::empty({B, T, H, D}, act, dev);
+  a.k = Tensor::empty({B, T, Hkv, D}, act, dev);
+  a.v = Tensor::empty({B, T, Hkv, D}, act, dev);
+  ops::gemm(a.xn, false, wq_->compute, true, a.q.reshape({N, H * D}));
+  ops::gemm(a.xn, false, wk_->compute, true, a.k.reshape({N, Hkv * D}));
+  ops::gemm(a.xn, false, wv_->compute, true, a.v.reshape({N, Hkv * D}));
   ops::rope_fwd(a.q, cfg_.rope_theta, a.q);
   ops::rope_fwd(a.k, cfg_.rope_theta, a.k);
 
-  a.out = Tensor::empty({B, T, H, D}, DType::kF32, dev);
+  a.out = Tensor::empty({B, T, H, D}, act, dev);
   a.lse = Tensor::empty({B, H, T}, DType::kF32, dev);
   ops::attention_fwd(a.q, a.k, a.v, 1.0f / std::sqrt(static_cast<float>(D)), a.out, a.lse);
 
   // Row-parallel output projection: partial sums over this rank's heads, summed by the scatter.
-  const Tensor y_partial = tp_.size() == 1 ? h_out : Tensor::empty({N, C}, DType::kF32, dev);
-  ops::gemm(a.out.reshape({N, H * D}), false, wo_->value, true, y_partial);
+  const Tensor y_partial = tp_.size() == 1 ? h_out : Tensor::empty({N, C}, act, dev);
+  ops::gemm(a.out.reshape({N, H * D}), false, wo_->compute, true, y_partial);
   if (tp_.size() > 1) ops::copy(scatter_rows(tp_, y_partial), h_out);
   ops::add_(h_out, h_in);
 }
@@ -66,30 +67,31 @@ void AttentionBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const A
   const int64_t B = a.q.dim(0), T = a.q.dim(1), C = cfg_.dim, N = B * T, D = cfg_.head_dim;
   const int64_t H = heads_, Hkv = kv_heads_;
   const Device dev = dh_out.device();
+  const DType act = dh_out.dtype();
   const Tensor dy = gather_rows(tp_, dh_out);  // (N, C)
 
   // y = out · woᵀ
-  const Tensor dout = Tensor::empty({B, T, H, D}, DType::kF32, dev);
-  ops::gemm(dy, false, wo_->value, false, dout.reshape({N, H * D}));
+  const Tensor dout = Tensor::empty({B, T, H, D}, act, dev);
+  ops::gemm(dy, false, wo_->compute, false, dout.reshape({N, H * D}));
   ops::gemm(dy, true, a.out.reshape({N, H * D}), false, wo_->grad, /*accumulate=*/true);
 
-  const Tensor dq = Tensor::empty({B, T, H, D}, DType::kF32, dev);
-  const Tensor dk = Tensor::empty({B, T, Hkv, D}, DType::kF32, dev);
-  const Tensor dv = Tensor::empty({B, T, Hkv, D}, DType::kF32, dev);
+  const Tensor dq = Tensor::empty({B, T, H, D}, act, dev);
+  const Tensor dk = Tensor::empty({B, T, Hkv, D}, act, dev);
+  const Tensor dv = Tensor::empty({B, T, Hkv, D}, act, dev);
   ops::attention_bwd(a.q, a.k, a.v, a.out, a.lse, dout, 1.0f / std::sqrt(static_cast<float>(D)), dq, dk, dv);
   ops::rope_bwd(dq, cfg_.rope_theta, dq);
   ops::rope_bwd(dk, cfg_.rope_theta, dk);
 
   // q = xn · wqᵀ (and k, v): dxn = dq·wq + dk·wk + dv·wv, partial over this rank's heads.
-  const Tensor dxn = Tensor::empty({N, C}, DType::kF32, dev);
-  ops::gemm(dq.reshape({N, H * D}), false, wq_->value, false, dxn);
-  ops::gemm(dk.reshape({N, Hkv * D}), false, wk_->value, false, dxn, /*accumulate=*/true);
-  ops::gemm(dv.reshape({N, Hkv * D}), false, wv_->value, false, dxn, /*accumulate=*/true);
+  const Tensor dxn = Tensor::empty({N, C}, act, dev);
+  ops::gemm(dq.reshape({N, H * D}), false, wq_->compute, false, dxn);
+  ops::gemm(dk.reshape({N, Hkv * D}), false, wk_->compute, false, dxn, /*accumulate=*/true);
+  ops::gemm(dv.reshape({N, Hkv * D}), false, wv_->compute, false, dxn, /*accumulate=*/true);
   ops::gemm(dq.reshape({N, H * D}), true, a.xn, false, wq_->grad, true);
   ops::gemm(dk.reshape({N, Hkv * D}), true, a.xn, false, wk_->grad, true);
   ops::gemm(dv.reshape({N, Hkv * D}), true, a.xn, false, wv_->grad, true);
 
-  ops::rmsnorm_bwd(a.h_in, norm_->value, a.rstd, scatter_rows(tp_, dxn), dh_in, norm_->grad);
+  ops::rmsnorm_bwd(a.h_in, norm_->compute, a.rstd, scatter_rows(tp_, dxn), dh_in, norm_->grad);
   ops::add_(dh_in, dh_out);
 }
 

@@ -19,35 +19,37 @@ DenseFfnBlock::DenseFfnBlock(const ModelConfig& cfg, ParamRegistry& reg, int lay
 void DenseFfnBlock::forward(const Tensor& h_in, const Tensor& h_out, DenseActs& a) const {
   const int64_t N = h_in.dim(0), C = cfg_.dim, Fd = cfg_.dense_hidden;
   const Device dev = h_in.device();  // every activation lives where the input does
+  const DType act = h_in.dtype();    // and has its dtype
   a.h_in = h_in;
-  a.xn = Tensor::empty({N, C}, DType::kF32, dev);
+  a.xn = Tensor::empty({N, C}, act, dev);
   a.rstd = Tensor::empty({N}, DType::kF32, dev);
-  ops::rmsnorm_fwd(h_in, norm_->value, cfg_.norm_eps, a.xn, a.rstd);
-  a.gate = Tensor::empty({N, Fd}, DType::kF32, dev);
-  a.up = Tensor::empty({N, Fd}, DType::kF32, dev);
-  a.act = Tensor::empty({N, Fd}, DType::kF32, dev);
-  ops::gemm(a.xn, false, w1_->value, true, a.gate);
-  ops::gemm(a.xn, false, w3_->value, true, a.up);
+  ops::rmsnorm_fwd(h_in, norm_->compute, cfg_.norm_eps, a.xn, a.rstd);
+  a.gate = Tensor::empty({N, Fd}, act, dev);
+  a.up = Tensor::empty({N, Fd}, act, dev);
+  a.act = Tensor::empty({N, Fd}, act, dev);
+  ops::gemm(a.xn, false, w1_->compute, true, a.gate);
+  ops::gemm(a.xn, false, w3_->compute, true, a.up);
   ops::swiglu_fwd(a.gate, a.up, a.act);
-  ops::gemm(a.act, false, w2_->value, true, h_out);
+  ops::gemm(a.act, false, w2_->compute, true, h_out);
   ops::add_(h_out, h_in);
 }
 
 void DenseFfnBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const DenseActs& a) const {
   const int64_t N = a.xn.dim(0), C = cfg_.dim, Fd = cfg_.dense_hidden;
   const Device dev = dh_out.device();
-  const Tensor dact = Tensor::empty({N, Fd}, DType::kF32, dev);
-  ops::gemm(dh_out, false, w2_->value, false, dact);
+  const DType act = dh_out.dtype();
+  const Tensor dact = Tensor::empty({N, Fd}, act, dev);
+  ops::gemm(dh_out, false, w2_->compute, false, dact);
   ops::gemm(dh_out, true, a.act, false, w2_->grad, /*accumulate=*/true);
-  const Tensor dgate = Tensor::empty({N, Fd}, DType::kF32, dev);
-  const Tensor dup = Tensor::empty({N, Fd}, DType::kF32, dev);
+  const Tensor dgate = Tensor::empty({N, Fd}, act, dev);
+  const Tensor dup = Tensor::empty({N, Fd}, act, dev);
   ops::swiglu_bwd(a.gate, a.up, dact, dgate, dup);
-  const Tensor dxn = Tensor::empty({N, C}, DType::kF32, dev);
-  ops::gemm(dgate, false, w1_->value, false, dxn);
-  ops::gemm(dup, false, w3_->value, false, dxn, /*accumulate=*/true);
+  const Tensor dxn = Tensor::empty({N, C}, act, dev);
+  ops::gemm(dgate, false, w1_->compute, false, dxn);
+  ops::gemm(dup, false, w3_->compute, false, dxn, /*accumulate=*/true);
   ops::gemm(dgate, true, a.xn, false, w1_->grad, true);
   ops::gemm(dup, true, a.xn, false, w3_->grad, true);
-  ops::rmsnorm_bwd(a.h_in, norm_->value, a.rstd, dxn, dh_in, norm_->grad);
+  ops::rmsnorm_bwd(a.h_in, norm_->compute, a.rstd, dxn, dh_in, norm_->grad);
   ops::add_(dh_in, dh_out);
 }
 

@@ -92,14 +92,15 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   const int64_t N = h_in.dim(0), C = cfg_.dim;
   const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden;
   const Device dev = h_in.device();  // every activation lives where the input does
+  const DType act = h_in.dtype();    // and has its dtype; routing stays f32
   a.h_in = h_in;
-  a.xn = Tensor::empty({N, C}, DType::kF32, dev);
+  a.xn = Tensor::empty({N, C}, act, dev);
   a.rstd = Tensor::empty({N}, DType::kF32, dev);
-  ops::rmsnorm_fwd(h_in, norm_->value, cfg_.norm_eps, a.xn, a.rstd);
+  ops::rmsnorm_fwd(h_in, norm_->compute, cfg_.norm_eps, a.xn, a.rstd);
 
   // Routing.
   a.logits = Tensor::empty({N, E}, DType::kF32, dev);
-  ops::gemm(a.xn, false, router_->value, true, a.logits);
+  ops::gemm(a.xn, false, router_->compute, true, a.logits);
   a.weights = Tensor::empty({N, K}, DType::kF32, dev);
   a.experts = Tensor::empty({N, K}, DType::kI32, dev);
   a.probs = Tensor::empty({N, E}, DType::kF32, dev);
@@ -129,33 +130,33 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   a.z = scalar(loss);
 
   // Routed experts: permute, dispatch over EP, grouped SwiGLU, bring back, combine.
-  const Tensor xp = Tensor::empty({off[E], C}, DType::kF32, dev);
+  const Tensor xp = Tensor::empty({off[E], C}, act, dev);
   ops::moe_permute_fwd(a.xn, a.positions, xp);
   a.plan = plan_dispatch(ep_, offsets);
   a.xl = to_experts(ep_, a.plan, xp);
   const int64_t R = a.xl.dim(0);
-  a.gate = Tensor::empty({R, F}, DType::kF32, dev);
-  a.up = Tensor::empty({R, F}, DType::kF32, dev);
-  a.act = Tensor::empty({R, F}, DType::kF32, dev);
-  const Tensor yl = Tensor::empty({R, C}, DType::kF32, dev);
-  ops::grouped_gemm_fwd(a.xl, w1_->value, a.plan.local_offsets, a.gate);
-  ops::grouped_gemm_fwd(a.xl, w3_->value, a.plan.local_offsets, a.up);
+  a.gate = Tensor::empty({R, F}, act, dev);
+  a.up = Tensor::empty({R, F}, act, dev);
+  a.act = Tensor::empty({R, F}, act, dev);
+  const Tensor yl = Tensor::empty({R, C}, act, dev);
+  ops::grouped_gemm_fwd(a.xl, w1_->compute, a.plan.local_offsets, a.gate);
+  ops::grouped_gemm_fwd(a.xl, w3_->compute, a.plan.local_offsets, a.up);
   ops::swiglu_fwd(a.gate, a.up, a.act);
-  ops::grouped_gemm_fwd(a.act, w2_->value, a.plan.local_offsets, yl);
+  ops::grouped_gemm_fwd(a.act, w2_->compute, a.plan.local_offsets, yl);
   a.y = from_experts(ep_, a.plan, yl);
 
   const Tensor& out = h_out;
   ops::moe_unpermute_fwd(a.y, a.positions, a.weights, out);
 
   if (s_w1_) {
-    const int64_t SF = s_w1_->value.dim(0);
-    a.s_gate = Tensor::empty({N, SF}, DType::kF32, dev);
-    a.s_up = Tensor::empty({N, SF}, DType::kF32, dev);
-    a.s_act = Tensor::empty({N, SF}, DType::kF32, dev);
-    ops::gemm(a.xn, false, s_w1_->value, true, a.s_gate);
-    ops::gemm(a.xn, false, s_w3_->value, true, a.s_up);
+    const int64_t SF = s_w1_->compute.dim(0);
+    a.s_gate = Tensor::empty({N, SF}, act, dev);
+    a.s_up = Tensor::empty({N, SF}, act, dev);
+    a.s_act = Tensor::empty({N, SF}, act, dev);
+    ops::gemm(a.xn, false, s_w1_->compute, true, a.s_gate);
+    ops::gemm(a.xn, false, s_w3_->compute, true, a.s_up);
     ops::swiglu_fwd(a.s_gate, a.s_up, a.s_act);
-    ops::gemm(a.s_act, false, s_w2_->value, true, out, /*accumulate=*/true);
+    ops::gemm(a.s_act, false, s_w2_->compute, true, out, /*accumulate=*/true);
   }
   ops::add_(out, h_in);
 }
@@ -165,26 +166,27 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
   const int64_t E = cfg_.n_experts, K = cfg_.top_k, F = cfg_.expert_hidden;
   const int64_t R = a.xl.dim(0);
   const Device dev = dh_out.device();
+  const DType act = dh_out.dtype();
   const Tensor& dy_out = dh_out;
-  const Tensor dxn = Tensor::empty({N, C}, DType::kF32, dev);
+  const Tensor dxn = Tensor::empty({N, C}, act, dev);
 
   // Combine: out = sum_k w[n,k] y[pos(n,k)] over the kept copies.
-  const Tensor dy = Tensor::empty(a.y.shape(), DType::kF32, dev);
+  const Tensor dy = Tensor::empty(a.y.shape(), act, dev);
   const Tensor dweights = Tensor::empty({N, K}, DType::kF32, dev);
   ops::moe_unpermute_bwd(a.y, a.positions, a.weights, dy_out, dy, dweights);
 
   // Experts, in reverse: y = act · w2ᵀ, act = swiglu(gate, up), gate = xl · w1ᵀ, up = xl · w3ᵀ,
   // with the EP exchange transposed around them.
   const Tensor dyl = to_experts(ep_, a.plan, dy);
-  const Tensor dact = Tensor::empty({R, F}, DType::kF32, dev);
-  ops::grouped_gemm_bwd(a.act, w2_->value, a.plan.local_offsets, dyl, dact, w2_->grad);
-  const Tensor dgate = Tensor::empty({R, F}, DType::kF32, dev);
-  const Tensor dup = Tensor::empty({R, F}, DType::kF32, dev);
+  const Tensor dact = Tensor::empty({R, F}, act, dev);
+  ops::grouped_gemm_bwd(a.act, w2_->compute, a.plan.local_offsets, dyl, dact, w2_->grad);
+  const Tensor dgate = Tensor::empty({R, F}, act, dev);
+  const Tensor dup = Tensor::empty({R, F}, act, dev);
   ops::swiglu_bwd(a.gate, a.up, dact, dgate, dup);
-  const Tensor dxl = Tensor::empty({R, C}, DType::kF32, dev);
-  const Tensor dxl_up = Tensor::empty({R, C}, DType::kF32, dev);
-  ops::grouped_gemm_bwd(a.xl, w1_->value, a.plan.local_offsets, dgate, dxl, w1_->grad);
-  ops::grouped_gemm_bwd(a.xl, w3_->value, a.plan.local_offsets, dup, dxl_up, w3_->grad);
+  const Tensor dxl = Tensor::empty({R, C}, act, dev);
+  const Tensor dxl_up = Tensor::empty({R, C}, act, dev);
+  ops::grouped_gemm_bwd(a.xl, w1_->compute, a.plan.local_offsets, dgate, dxl, w1_->grad);
+  ops::grouped_gemm_bwd(a.xl, w3_->compute, a.plan.local_offsets, dup, dxl_up, w3_->grad);
   ops::add_(dxl, dxl_up);
   ops::moe_permute_bwd(from_experts(ep_, a.plan, dxl), a.positions, dxn);
 
@@ -197,24 +199,30 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
   const Tensor dlogits = Tensor::empty({N, E}, DType::kF32, dev);
   ops::router_bwd(a.logits, cfg_.gating, a.experts, dweights, dprobs, dlogits);
   if (cfg_.z_loss_coef > 0.0f) ops::router_z_loss_bwd(a.logits, a.tokens, loss_scale * cfg_.z_loss_coef, dlogits);
-  ops::gemm(dlogits, false, router_->value, false, dxn, /*accumulate=*/true);
-  ops::gemm(dlogits, true, a.xn, false, router_->grad, /*accumulate=*/true);
+  // The router's matmuls take dlogits in the activation dtype (a gemm's operands share theirs).
+  Tensor dl = dlogits;
+  if (act != DType::kF32) {
+    dl = Tensor::empty({N, E}, act, dev);
+    ops::cast(dlogits, dl);
+  }
+  ops::gemm(dl, false, router_->compute, false, dxn, /*accumulate=*/true);
+  ops::gemm(dl, true, a.xn, false, router_->grad, /*accumulate=*/true);
 
   if (s_w1_) {
-    const int64_t SF = s_w1_->value.dim(0);
-    const Tensor ds_act = Tensor::empty({N, SF}, DType::kF32, dev);
-    ops::gemm(dy_out, false, s_w2_->value, false, ds_act);
+    const int64_t SF = s_w1_->compute.dim(0);
+    const Tensor ds_act = Tensor::empty({N, SF}, act, dev);
+    ops::gemm(dy_out, false, s_w2_->compute, false, ds_act);
     ops::gemm(dy_out, true, a.s_act, false, s_w2_->grad, true);
-    const Tensor ds_gate = Tensor::empty({N, SF}, DType::kF32, dev);
-    const Tensor ds_up = Tensor::empty({N, SF}, DType::kF32, dev);
+    const Tensor ds_gate = Tensor::empty({N, SF}, act, dev);
+    const Tensor ds_up = Tensor::empty({N, SF}, act, dev);
     ops::swiglu_bwd(a.s_gate, a.s_up, ds_act, ds_gate, ds_up);
-    ops::gemm(ds_gate, false, s_w1_->value, false, dxn, true);
-    ops::gemm(ds_up, false, s_w3_->value, false, dxn, true);
+    ops::gemm(ds_gate, false, s_w1_->compute, false, dxn, true);
+    ops::gemm(ds_up, false, s_w3_->compute, false, dxn, true);
     ops::gemm(ds_gate, true, a.xn, false, s_w1_->grad, true);
     ops::gemm(ds_up, true, a.xn, false, s_w3_->grad, true);
   }
 
-  ops::rmsnorm_bwd(a.h_in, norm_->value, a.rstd, dxn, dh_in, norm_->grad);
+  ops::rmsnorm_bwd(a.h_in, norm_->compute, a.rstd, dxn, dh_in, norm_->grad);
   ops::add_(dh_in, dy_out);
 }
 

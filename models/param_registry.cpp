@@ -28,6 +28,8 @@ Param& ParamRegistry::add(ParamSpec spec) {
   const Shape local_shape(std::span<const int64_t>(local.data(), static_cast<size_t>(g.ndim())));
   p.value = zeros_on(local_shape, DType::kF32, device_);
   p.grad = zeros_on(local_shape, DType::kF32, device_);
+  p.compute = p.value;
+  MOE_CHECK(compute_dtype_ == DType::kF32, "parameter {}: added after the registry's compute dtype was set", spec.name);
   p.spec = std::move(spec);
   index_.emplace(p.spec.name, params_.size());
   params_.push_back(std::move(p));
@@ -60,6 +62,7 @@ void ParamRegistry::init(uint64_t seed) {
       case ParamInit::kZeros: ops::fill(p.value, 0.0f); break;
     }
   }
+  refresh_compute();
 }
 
 void ParamRegistry::zero_grad() {
@@ -76,6 +79,20 @@ int64_t ParamRegistry::local_numel() const {
   int64_t n = 0;
   for (const Param& p : params_) n += p.value.numel();
   return n;
+}
+
+void ParamRegistry::set_compute_dtype(DType dtype) {
+  MOE_CHECK(dtype == DType::kF32 || dtype == DType::kBF16, "ParamRegistry: compute dtype must be f32 or bf16, got {}",
+            dtype_name(dtype));
+  compute_dtype_ = dtype;
+  for (Param& p : params_)
+    p.compute = dtype == DType::kF32 || !p.spec.trainable ? p.value : Tensor::empty(p.value.shape(), dtype, device_);
+  refresh_compute();
+}
+
+void ParamRegistry::refresh_compute() {
+  for (Param& p : params_)
+    if (!p.compute.shares_storage(p.value)) ops::cast(p.value, p.compute);
 }
 
 }  // namespace moeforge

@@ -62,7 +62,11 @@ struct Param {
   ParamSpec spec;
   ShardSlice slice;  // where `value` sits in the global tensor
   Tensor value;      // local shard, f32, on the registry's device (the fp32 master weights)
-  Tensor grad;       // same shape and device as value; accumulated by backward
+  Tensor grad;       // same shape and device as value, f32; accumulated by backward
+  // What the forward and backward read: `value` itself when the model computes in f32, a bf16
+  // copy of it in mixed precision (trainable parameters; state such as the expert bias stays
+  // `value`). ParamRegistry::refresh_compute() rounds the masters into the copies.
+  Tensor compute;
 };
 
 class ParamRegistry {
@@ -86,8 +90,15 @@ class ParamRegistry {
   Device device() const { return device_; }
 
   // Fills every value from (seed, name, global index): the same numbers on every device (normal
-  // values are drawn on the host and copied to a GPU).
+  // values are drawn on the host and copied to a GPU). Refreshes the compute copies.
   void init(uint64_t seed);
+  // The dtype the model computes in (after every parameter is added): kBF16 allocates a bf16
+  // compute copy of every trainable parameter and fills it from the values.
+  void set_compute_dtype(DType dtype);
+  DType compute_dtype() const { return compute_dtype_; }
+  // Rounds the values into the bf16 compute copies: after anything writes values (init, an
+  // optimizer step, a checkpoint load). Nothing in f32 mode.
+  void refresh_compute();
   void zero_grad();
   // Elements of the global parameters (each counted once) and of the local shards.
   int64_t global_numel() const;
@@ -96,6 +107,7 @@ class ParamRegistry {
  private:
   ShardLayout layout_;
   Device device_;
+  DType compute_dtype_ = DType::kF32;
   std::deque<Param> params_;
   std::unordered_map<std::string, size_t> index_;
 };

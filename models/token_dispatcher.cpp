@@ -62,9 +62,10 @@ Tensor to_experts(Comm& ep, const DispatchPlan& plan, const Tensor& x) {
   if (ep.size() == 1) return x;
   const int64_t R = plan.received(), C = x.dim(1);
   const Device dev = x.device();
-  const Tensor arrived = Tensor::empty({R, C}, DType::kF32, dev);
+  const DType act = x.dtype();
+  const Tensor arrived = Tensor::empty({R, C}, act, dev);
   ep.all_to_all_v(x, plan.send_rows, arrived, plan.recv_rows);
-  const Tensor grouped = Tensor::empty({R, C}, DType::kF32, dev);
+  const Tensor grouped = Tensor::empty({R, C}, act, dev);
   ops::moe_permute_fwd(arrived, plan.regroup, grouped);
   return grouped;
 }
@@ -74,9 +75,10 @@ Tensor from_experts(Comm& ep, const DispatchPlan& plan, const Tensor& y) {
   const int64_t R = plan.received(), C = y.dim(1);
   const int64_t M = std::accumulate(plan.send_rows.begin(), plan.send_rows.end(), int64_t{0});
   const Device dev = y.device();
-  const Tensor by_source = Tensor::empty({R, C}, DType::kF32, dev);
+  const DType act = y.dtype();
+  const Tensor by_source = Tensor::empty({R, C}, act, dev);
   ops::moe_permute_bwd(y, plan.regroup, by_source);  // by_source[i] = y[regroup[i]]
-  const Tensor out = Tensor::empty({M, C}, DType::kF32, dev);
+  const Tensor out = Tensor::empty({M, C}, act, dev);
   ep.all_to_all_v(by_source, plan.recv_rows, out, plan.send_rows);
   return out;
 }

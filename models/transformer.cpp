@@ -75,6 +75,7 @@ MoeTransformer::MoeTransformer(const ModelConfig& cfg, const ProcessGrid& grid, 
                                  .shard_group = ShardGroup::kTP, .init_std = cfg_.init_std, .padded_rows = pad});
     }
   }
+  registry_.set_compute_dtype(cfg_.compute_dtype);
   reset_load();
 }
 
@@ -98,7 +99,7 @@ void MoeTransformer::layer_forward(int i, int64_t B, int64_t T, const Tensor& h_
   const Layer& l = layer(i);
   const Device dev = h_in.device();
   a.h_in = h_in;
-  a.h_mid = Tensor::empty(h_in.shape(), DType::kF32, dev);
+  a.h_mid = Tensor::empty(h_in.shape(), h_in.dtype(), dev);
   l.attn.forward(B, T, h_in, a.h_mid, a.attn);
   if (l.moe) {
     l.moe->forward(a.h_mid, h_out, a.moe);
@@ -124,8 +125,8 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
     // Vocab-parallel embedding: each rank fills the rows of its vocabulary shard, the scatter sums
     // the shards and leaves each rank its token rows.
     a.tokens = flat_copy(tokens, dev);
-    const Tensor emb = Tensor::empty({N, C}, DType::kF32, dev);
-    ops::embedding_fwd(a.tokens, embed_->value, emb, vocab_start(), cfg_.vocab_size);
+    const Tensor emb = Tensor::empty({N, C}, compute_dtype(), dev);  // the activations' dtype starts here
+    ops::embedding_fwd(a.tokens, embed_->compute, emb, vocab_start(), cfg_.vocab_size);
     h = scatter_rows(tp, emb);
   } else {
     MOE_CHECK(h_in.defined() && h_in.shape() == Shape({Nl, C}),
@@ -138,7 +139,7 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
   a.layers.assign(static_cast<size_t>(end - first), {});
   for (int i = first; i < end; ++i) {
     LayerActs& la = a.layers[static_cast<size_t>(i - first)];
-    const Tensor h_next = Tensor::empty({Nl, C}, DType::kF32, dev);
+    const Tensor h_next = Tensor::empty({Nl, C}, h.dtype(), dev);
     layer_forward(i, a.batch, a.seq, h, h_next, la);
     if (layer(i).moe) {
       loss.aux += la.moe.aux;
@@ -161,16 +162,17 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
 Tensor MoeTransformer::final_norm(const Tensor& h, ChunkActs& a) const {
   a.h_final = h;
   const Device dev = h.device();
-  const Tensor f_local = Tensor::empty(h.shape(), DType::kF32, dev);
+  const Tensor f_local = Tensor::empty(h.shape(), h.dtype(), dev);
   a.f_rstd = Tensor::empty({h.dim(0)}, DType::kF32, dev);
-  ops::rmsnorm_fwd(h, final_norm_->value, cfg_.norm_eps, f_local, a.f_rstd);
+  ops::rmsnorm_fwd(h, final_norm_->compute, cfg_.norm_eps, f_local, a.f_rstd);
   return gather_rows(grid_.tp(), f_local);
 }
 
 Tensor MoeTransformer::head_logits(const Tensor& f) const {
   const Device dev = f.device();
-  const Tensor logits = Tensor::empty({f.dim(0), head().value.dim(0)}, DType::kF32, dev);
-  ops::gemm(f, false, head().value, true, logits);
+  // bf16 logits in mixed precision: the CE reads them and keeps its statistics in f32.
+  const Tensor logits = Tensor::empty({f.dim(0), head().value.dim(0)}, f.dtype(), dev);
+  ops::gemm(f, false, head().compute, true, logits);
   return logits;
 }
 
@@ -228,7 +230,7 @@ Tensor MoeTransformer::backward_chunk(int c, int mb, const Tensor& dh_out, float
   const Device dev = device();
   const int64_t C = cfg_.dim, N = a.batch * a.seq, Nl = N / tp.size();
 
-  Tensor dh = Tensor::empty({Nl, C}, DType::kF32, dev);
+  Tensor dh = Tensor::empty({Nl, C}, compute_dtype(), dev);
   if (last_chunk(c)) {
     // Head: logits = f · Wᵀ over this rank's vocabulary rows. The CE gradient overwrites the
     // logits buffer in place; df is partial over vocabulary shards, summed by the scatter.
@@ -236,10 +238,10 @@ Tensor MoeTransformer::backward_chunk(int c, int mb, const Tensor& dh_out, float
     ops::cross_entropy_bwd(a.logits, a.targets, a.lse, scale, a.logits, vocab_start(), vocab_valid());
     const Param& w = head();
     ops::gemm(a.logits, true, a.f, false, w.grad, /*accumulate=*/true);
-    const Tensor df = Tensor::empty({N, C}, DType::kF32, dev);
-    ops::gemm(a.logits, false, w.value, false, df);
+    const Tensor df = Tensor::empty({N, C}, a.f.dtype(), dev);
+    ops::gemm(a.logits, false, w.compute, false, df);
     a.logits = Tensor();
-    ops::rmsnorm_bwd(a.h_final, final_norm_->value, a.f_rstd, scatter_rows(tp, df), dh, final_norm_->grad);
+    ops::rmsnorm_bwd(a.h_final, final_norm_->compute, a.f_rstd, scatter_rows(tp, df), dh, final_norm_->grad);
   } else {
     MOE_CHECK(dh_out.defined() && dh_out.shape() == Shape({Nl, C}),
               "MoeTransformer: chunk {} expects its output gradient of shape ({}, {}), got {}", c, Nl, C,
@@ -248,12 +250,12 @@ Tensor MoeTransformer::backward_chunk(int c, int mb, const Tensor& dh_out, float
   }
 
   const auto [first, end] = chunk_range(c);
-  Tensor dh_prev = Tensor::empty({Nl, C}, DType::kF32, dev);
-  const Tensor dh_mid = Tensor::empty({Nl, C}, DType::kF32, dev);
+  Tensor dh_prev = Tensor::empty({Nl, C}, dh.dtype(), dev);
+  const Tensor dh_mid = Tensor::empty({Nl, C}, dh.dtype(), dev);
   for (int i = end - 1; i >= first; --i) {
     LayerActs& la = a.layers[static_cast<size_t>(i - first)];
     if (cfg_.recompute) {
-      const Tensor scratch = Tensor::empty(la.h_in.shape(), DType::kF32, dev);
+      const Tensor scratch = Tensor::empty(la.h_in.shape(), la.h_in.dtype(), dev);
       layer_forward(i, a.batch, a.seq, la.h_in, scratch, la);
     }
     const Layer& l = layer(i);
@@ -356,7 +358,8 @@ Tensor MoeTransformer::logits_chunk(int c, const Tensor& tokens, const Tensor& h
   const Tensor local = head_logits(f);  // (N, Vl)
   const int64_t N = f.dim(0), Vl = local.dim(1), V = cfg_.vocab_size;
   // One block per vocab shard, rearranged on the host: the logits are returned in host memory.
-  const Tensor shards = host(gather_rows(tp, local)).reshape({tp.size(), N, Vl});
+  Tensor shards = host(gather_rows(tp, local)).reshape({tp.size(), N, Vl});
+  if (shards.dtype() != DType::kF32) shards = shards.to(DType::kF32);  // bf16 logits, returned as f32
   const Tensor out = Tensor::empty({B, T, V}, DType::kF32);
   const float* src = shards.data<float>();
   float* dst = out.data<float>();

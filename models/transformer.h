@@ -76,6 +76,8 @@ class MoeTransformer {
   const PipelineSplit& split() const { return split_; }
   // Where parameters and activations live (grid.device()).
   Device device() const { return registry_.device(); }
+  // The activations' dtype (ModelConfig::compute_dtype): f32, or bf16 mixed precision.
+  DType compute_dtype() const { return registry_.compute_dtype(); }
 
   // ---- pipeline interface: chunk c = 0..v-1 of this rank ----
   int chunks() const { return split_.virtual_stages; }

@@ -200,9 +200,11 @@ double DistributedOptimizer::clip_grad_norm(double max_norm) {
 
 void DistributedOptimizer::step(float lr) {
   adamw_->step(lr);
-  if (zero_stage_ == 0) return;
-  dense_flat_.all_gather();
-  expert_flat_.all_gather();
+  if (zero_stage_ > 0) {
+    dense_flat_.all_gather();
+    expert_flat_.all_gather();
+  }
+  registry_.refresh_compute();  // bf16 copies of the updated masters (nothing in f32 mode)
 }
 
 }  // namespace moeforge

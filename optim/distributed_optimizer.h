@@ -59,7 +59,8 @@ class DistributedOptimizer {
   // The global gradient norm; scales the gradients by max_norm / (norm + 1e-6) when it exceeds
   // max_norm > 0. Returns the norm before clipping (inf/NaN gradients are left as they are).
   double clip_grad_norm(double max_norm);
-  // One AdamW update with learning rate lr (ZeRO-1: of this rank's chunks, then all-gathered).
+  // One AdamW update with learning rate lr (ZeRO-1: of this rank's chunks, then all-gathered),
+  // then the registry's bf16 compute copies refreshed from the new masters.
   void step(float lr);
 
   AdamW& adamw() { return *adamw_; }

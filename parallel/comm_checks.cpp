@@ -48,7 +48,8 @@ void check_counts(const Comm& comm, std::string_view op, std::string_view what, 
 void check_dtype(const Comm& comm, std::string_view op, std::string_view arg, const Tensor& t) {
   MOE_CHECK(t.defined(), "{}: {} is undefined", op_on(comm, op), arg);
   const DType d = t.dtype();
-  MOE_CHECK(d == DType::kF32 || d == DType::kI32 || d == DType::kI64, "{}: {} must be f32, i32 or i64, got {}",
+  MOE_CHECK(d == DType::kF32 || d == DType::kBF16 || d == DType::kI32 || d == DType::kI64,
+            "{}: {} must be f32, bf16, i32 or i64, got {}",
             op_on(comm, op), arg, t.str());
 }
 

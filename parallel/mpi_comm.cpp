@@ -6,6 +6,7 @@
 
 #include "parallel/comm_checks.h"
 #include "parallel/mpi_check.h"
+#include "runtime/ops.h"
 
 namespace moeforge {
 namespace {
@@ -19,6 +20,7 @@ constexpr int kP2PTag = 0;
 MPI_Datatype mpi_type(DType dtype) {
   switch (dtype) {
     case DType::kF32: return MPI_FLOAT;
+    case DType::kBF16: return MPI_UINT16_T;  // moved as bits; reductions widen to f32 first
     case DType::kI32: return MPI_INT32_T;
     case DType::kI64: return MPI_INT64_T;
     default: break;
@@ -120,6 +122,12 @@ void MpiComm::count_sent(int64_t bytes) {
 void MpiComm::all_reduce(const Tensor& t, ReduceOp op) {
   check_dtype(*this, "all_reduce", "t", t);
   check_cpu("all_reduce", "t", t);
+  if (t.dtype() == DType::kBF16) {  // reduced in f32 and rounded once, whatever the member count
+    const Tensor wide = t.to(DType::kF32);
+    all_reduce(wide, op);
+    ops::cast(wide, t);
+    return;
+  }
   const MPI_Datatype type = mpi_type(t.dtype());
   CallScope scope(*log_, CommOp::kAllReduce, t.nbytes());
   for_each_chunk(t, [&](char* p, int n) { MOE_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, p, n, type, mpi_op(op), comm_)); });
@@ -129,6 +137,12 @@ void MpiComm::all_reduce(const Tensor& t, ReduceOp op) {
 void MpiComm::reduce_scatter(const Tensor& in, const Tensor& out) {
   check_reduce_scatter(*this, in, out);
   check_cpu("reduce_scatter", "in", in);
+  if (in.dtype() == DType::kBF16) {  // reduced in f32 and rounded once
+    const Tensor wide_out = Tensor::empty(out.shape(), DType::kF32);
+    reduce_scatter(in.to(DType::kF32), wide_out);
+    ops::cast(wide_out, out);
+    return;
+  }
   const int count = to_int("reduce_scatter", "the element count of out", out.numel());
   CallScope scope(*log_, CommOp::kReduceScatter, in.nbytes());
   MOE_MPI_CHECK(MPI_Reduce_scatter_block(in.raw_data(), out.raw_data(), count, mpi_type(in.dtype()), MPI_SUM, comm_));

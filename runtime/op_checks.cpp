@@ -23,7 +23,8 @@ void check_same_dtype(std::string_view op, NamedTensor t, NamedTensor ref) {
 }
 
 Widened::Widened(const Tensor& t, Use use) : orig_(t), use_(use) {
-  if (!t.defined() || t.dtype() != DType::kBF16) {
+  // CUDA kernels take bf16 themselves (runtime/cuda: loads widen, stores round once).
+  if (!t.defined() || t.dtype() != DType::kBF16 || t.device().is_cuda()) {
     wide_ = t;
     return;
   }

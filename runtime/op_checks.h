@@ -40,11 +40,11 @@ inline int64_t matrix_rows(const Tensor& t) {
 
 [[noreturn]] void no_backend(std::string_view op, Device device);
 
-// Mixed precision by widening (runtime/ops.h, "Dtypes"): a kernel that computes in f32 only runs
-// on f32 copies of its bf16 operands, made on the operands' device with ops::cast, and its bf16
-// outputs are rounded once, at finish(). An f32 operand is used as it is (no copy), so the f32
-// path of an op is exactly what it was. Inputs are widened at construction; outputs that the
-// kernel accumulates into (kInOut) too.
+// Mixed precision by widening (runtime/ops.h, "Dtypes"): the CPU kernels compute in f32 only, so
+// they run on f32 copies of bf16 operands, made with ops::cast, and their bf16 outputs are
+// rounded once, at finish(). An f32 operand — and any CUDA tensor, whose kernels take bf16
+// natively — is used as it is (no copy), so the f32 path of an op is exactly what it was.
+// Inputs are widened at construction; outputs that the kernel accumulates into (kInOut) too.
 class Widened {
  public:
   enum Use { kIn, kOut, kInOut };

@@ -15,9 +15,9 @@
 //    f32 (mixed precision's fp32 gradients) or F. Statistics stay f32 whatever the activations:
 //    rstd, lse, losses, CE partials, and everything of routing (logits, probs, weights, the
 //    aux and z losses). gemm: a and b share a dtype; f32 a/b give f32 c, bf16 a/b give bf16 or
-//    f32 c. With f32 tensors every op is what it always was. Kernels that compute in f32 only
-//    (the CPU backend; CUDA kernels not yet written for bf16) run on widened f32 copies of
-//    bf16 operands (detail::Widened); CUDA's gemm (cuBLASLt) and attention take bf16 natively.
+//    f32 c. With f32 tensors every op is what it always was. The CPU backend computes in f32
+//    only: it runs on widened f32 copies of bf16 operands (detail::Widened), the numerical
+//    reference; the CUDA kernels load bf16, compute in f32 and round each store once.
 //  - Gradient rule (as in llm.c): parameter gradients accumulate (+=), activation gradients are
 //    written (=). The exceptions say so (router_z_loss_bwd adds a loss term's gradient).
 //  - Outputs are passed as `const Tensor&` (Tensor is a handle) and must be preallocated with the

@@ -3,7 +3,8 @@
 # backend for the local GPU's architecture only (fast), runs every gpu-labelled test (each CUDA op
 # against the CPU op on random inputs, fp32 to 1e-5 and bf16 to 1e-2, and a three-step training
 # run on both devices), then the backend benchmark (tests/gpu/bench_cuda_ops.cpp: copy bandwidth,
-# cuBLASLt GEMM TFLOP/s, per-op GB/s against the copy, fused attention TFLOP/s) and PyTorch's SDPA
+# cuBLASLt GEMM TFLOP/s in bf16 and fp32, per-op GB/s against the copy in fp32 and bf16, the
+# grouped expert GEMM, fused attention TFLOP/s) and PyTorch's SDPA
 # on the same attention sizes (scripts/bench_sdpa.py, when torch is installed), then trains
 # configs/h200-bench.pbtxt on the GPU for 30 steps (10 with --quick) and reports its tokens/s and
 # MFU (6 x active parameters x tokens/s against 989 TFLOP/s, the H200's dense bf16 peak), and prints

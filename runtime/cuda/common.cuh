@@ -14,7 +14,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
+#include "runtime/dtype.h"
 
 namespace moeforge::cuda {
 
@@ -77,5 +79,78 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// ---- storage types (bf16 mixed precision) ----
+// Kernels are templated on the storage types of their tensors (float or __nv_bfloat16): loads
+// widen to f32, all arithmetic and accumulation is f32, each store rounds once to nearest even.
+//
+// Calls f(T{}) with T the storage type of a compute dtype (f32 or bf16) and returns its result;
+// any other dtype returns cudaErrorInvalidValue (the Tensor-level ops reject those first).
+template <class F>
+inline cudaError_t with_storage(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: return f(float{});
+    case DType::kBF16: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+// The same over two independent dtypes: f(A{}, B{}).
+template <class F>
+inline cudaError_t with_storage2(DType a, DType b, F&& f) {
+  return with_storage(a, [&](auto ta) { return with_storage(b, [&](auto tb) { return f(ta, tb); }); });
+}
+
+// Elements of T in one 16-byte vector: 4 floats, 8 bf16.
+template <class T>
+constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+// True when every non-null pointer is 16-byte aligned.
+inline bool aligned16(std::initializer_list<const void*> ptrs) {
+  for (const void* p : ptrs)
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+// True when the pointers are 16-byte aligned and rows of c elements of T keep it so (c a multiple
+// of kVec16<T>): the condition for the row-wise 16-byte paths below.
+template <class T>
+inline bool vec16_ok(int64_t c, std::initializer_list<const void*> ptrs) {
+  return c % kVec16<T> == 0 && aligned16(ptrs);
+}
+
+// V elements at p widened to f32. When V elements of T are a whole number of 16-byte vectors
+// (V = 4 floats or 8 bf16, or a multiple), they are read with 16-byte loads and p must be 16-byte
+// aligned; otherwise V scalar loads.
+template <int V, class T>
+__device__ __forceinline__ void load_f32(const T* p, float (&out)[V]) {
+  if constexpr ((V * sizeof(T)) % 16 == 0) {
+    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+#pragma unroll
+    for (int c = 0; c < V / kPer; ++c) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[c];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) out[c * kPer + i] = to_f32(e[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = to_f32(p[i]);
+  }
+}
+
+// V f32 values rounded to T and stored at p, with 16-byte stores under load_f32's condition.
+template <int V, class T>
+__device__ __forceinline__ void store_f32(T* p, const float (&in)[V]) {
+  if constexpr ((V * sizeof(T)) % 16 == 0) {
+    alignas(16) T e[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) e[i] = from_f32<T>(in[i]);
+#pragma unroll
+    for (int c = 0; c < static_cast<int>(V * sizeof(T) / 16); ++c)
+      reinterpret_cast<uint4*>(p)[c] = reinterpret_cast<const uint4*>(e)[c];
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = from_f32<T>(in[i]);
+  }
+}
 
 }  // namespace moeforge::cuda

@@ -25,17 +25,26 @@ __device__ __forceinline__ Stats merge(Stats a, Stats b) {
   return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
 
-// The block's (max, sum exp(x - max)) over x[0, v); (-inf, 0) when v = 0.
-__device__ Stats row_stats(const float* x, int64_t v) {
+// The block's (max, sum exp(x - max)) over x[0, v); (-inf, 0) when v = 0. L is the logits'
+// storage type (float or __nv_bfloat16): bf16 logits are widened on load, the statistics are f32.
+// The row is read in vectors of V elements: V = 8 (16-byte bf16 loads; v % 8 == 0 and aligned
+// rows, which the launcher checks) or V = 1, the fp32 kernel's element loop exactly.
+template <int V, class L>
+__device__ Stats row_stats(const L* x, int64_t v) {
   __shared__ float smax[32], ssum[32];
   Stats st{-INFINITY, 0.0f};
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
-    const float xj = x[j];
-    if (xj > st.max) {
-      st.sum = st.sum * expf(st.max - xj) + 1.0f;
-      st.max = xj;
-    } else {
-      st.sum += expf(xj - st.max);
+  for (int64_t j0 = threadIdx.x * int64_t{V}; j0 < v; j0 += int64_t{blockDim.x} * V) {
+    float xv[V];
+    load_f32<V>(x + j0, xv);
+#pragma unroll
+    for (int t = 0; t < V; ++t) {
+      const float xj = xv[t];
+      if (xj > st.max) {
+        st.sum = st.sum * expf(st.max - xj) + 1.0f;
+        st.max = xj;
+      } else {
+        st.sum += expf(xj - st.max);
+      }
     }
   }
   for (int o = kWarp / 2; o > 0; o /= 2) {
@@ -54,28 +63,30 @@ __device__ Stats row_stats(const float* x, int64_t v) {
   return r;
 }
 
-__global__ void ce_fwd_kernel(const float* logits, const int32_t* targets, float* losses, float* lse, int64_t v) {
+template <int V, class L>
+__global__ void ce_fwd_kernel(const L* logits, const int32_t* targets, float* losses, float* lse, int64_t v) {
   const int64_t i = blockIdx.x;
-  const float* xi = logits + i * v;
-  const Stats st = row_stats(xi, v);
+  const L* xi = logits + i * v;
+  const Stats st = row_stats<V>(xi, v);
   if (threadIdx.x != 0) return;
   const float row_lse = st.max + logf(st.sum);
   const int32_t t = targets[i];
   lse[i] = row_lse;
-  losses[i] = t < 0 ? 0.0f : t >= v ? NAN : row_lse - xi[t];
+  losses[i] = t < 0 ? 0.0f : t >= v ? NAN : row_lse - to_f32(xi[t]);
 }
 
-__global__ void ce_partial_kernel(const float* logits, const int32_t* targets, int64_t v, int64_t vocab_start,
+template <class L>
+__global__ void ce_partial_kernel(const L* logits, const int32_t* targets, int64_t v, int64_t vocab_start,
                                   int64_t valid_cols, float* partial) {
   const int64_t i = blockIdx.x;
-  const float* xi = logits + i * v;
-  const Stats st = row_stats(xi, valid_cols);
+  const L* xi = logits + i * v;
+  const Stats st = row_stats<1>(xi, valid_cols);
   if (threadIdx.x != 0) return;
   const int64_t col = static_cast<int64_t>(targets[i]) - vocab_start;
   float* out = partial + i * 3;
   out[0] = st.max;
   out[1] = st.sum;
-  out[2] = targets[i] >= 0 && col >= 0 && col < valid_cols ? xi[col] : 0.0f;
+  out[2] = targets[i] >= 0 && col >= 0 && col < valid_cols ? to_f32(xi[col]) : 0.0f;
 }
 
 __global__ void ce_combine_kernel(const float* partials, const int32_t* targets, int64_t r_count, int64_t n,
@@ -96,35 +107,62 @@ __global__ void ce_combine_kernel(const float* partials, const int32_t* targets,
   }
 }
 
-// dlogits may alias logits: each element is read, then written, by the same thread.
-__global__ void ce_bwd_kernel(const float* logits, const int32_t* targets, const float* lse, float scale,
-                              float* dlogits, int64_t v, int64_t vocab_start, int64_t valid_cols, bool check_vocab) {
+// dlogits may alias logits: each element is read, then written, by the same thread. L is the
+// storage type of both (bf16 logits give bf16 dlogits, rounded once from the f32 gradient).
+template <int V, class L>
+__global__ void ce_bwd_kernel(const L* logits, const int32_t* targets, const float* lse, float scale, L* dlogits,
+                              int64_t v, int64_t vocab_start, int64_t valid_cols, bool check_vocab) {
   const int64_t i = blockIdx.x;
-  const float* xi = logits + i * v;
-  float* di = dlogits + i * v;
+  const L* xi = logits + i * v;
+  L* di = dlogits + i * v;
   const int32_t t = targets[i];
   const float row_lse = check_vocab && t >= v ? NAN : lse[i];
   const int64_t col = static_cast<int64_t>(t) - vocab_start;
-  for (int64_t j = threadIdx.x; j < v; j += blockDim.x) {
-    float g = 0.0f;
-    if (t >= 0 && j < valid_cols) g = scale * (expf(xi[j] - row_lse) - (j == col ? 1.0f : 0.0f));
-    di[j] = g;
+  const bool t_ok = t >= 0;
+  for (int64_t j0 = threadIdx.x * int64_t{V}; j0 < v; j0 += int64_t{blockDim.x} * V) {
+    float xv[V];
+    load_f32<V>(xi + j0, xv);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const int64_t j = j0 + e;
+      float g = 0.0f;
+      if (t_ok && j < valid_cols) g = scale * (expf(xv[e] - row_lse) - (j == col ? 1.0f : 0.0f));
+      xv[e] = g;
+    }
+    store_f32<V>(di + j0, xv);
   }
+}
+
+// 8 for bf16 logits whose rows allow 16-byte vectors, else 1 (f32 keeps its element loop).
+template <class L>
+int row_vec(int64_t v, const void* logits, const void* dlogits) {
+  return sizeof(L) == 2 && vec16_ok<L>(v, {logits, dlogits}) ? 8 : 1;
 }
 
 }  // namespace
 
-cudaError_t cross_entropy_fwd(const float* logits, const int32_t* targets, float* losses, float* lse, int64_t n,
-                              int64_t v, cudaStream_t s) {
-  ce_fwd_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(logits, targets, losses, lse, v);
-  return cudaGetLastError();
+cudaError_t cross_entropy_fwd(const void* logits, DType logits_dtype, const int32_t* targets, float* losses,
+                              float* lse, int64_t n, int64_t v, cudaStream_t s) {
+  return with_storage(logits_dtype, [&](auto tag) {
+    using L = decltype(tag);
+    const auto* pl = static_cast<const L*>(logits);
+    if (row_vec<L>(v, pl, nullptr) == 8)
+      ce_fwd_kernel<8><<<static_cast<unsigned>(n), kThreads, 0, s>>>(pl, targets, losses, lse, v);
+    else
+      ce_fwd_kernel<1><<<static_cast<unsigned>(n), kThreads, 0, s>>>(pl, targets, losses, lse, v);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t cross_entropy_partial_fwd(const float* logits, const int32_t* targets, int64_t n, int64_t v,
-                                      int64_t vocab_start, int64_t valid_cols, float* partial, cudaStream_t s) {
-  ce_partial_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(logits, targets, v, vocab_start, valid_cols,
-                                                                  partial);
-  return cudaGetLastError();
+cudaError_t cross_entropy_partial_fwd(const void* logits, DType logits_dtype, const int32_t* targets, int64_t n,
+                                      int64_t v, int64_t vocab_start, int64_t valid_cols, float* partial,
+                                      cudaStream_t s) {
+  return with_storage(logits_dtype, [&](auto tag) {
+    using L = decltype(tag);
+    ce_partial_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(static_cast<const L*>(logits), targets, v,
+                                                                    vocab_start, valid_cols, partial);
+    return cudaGetLastError();
+  });
 }
 
 cudaError_t cross_entropy_combine(const float* partials, const int32_t* targets, int64_t r_count, int64_t n,
@@ -134,13 +172,23 @@ cudaError_t cross_entropy_combine(const float* partials, const int32_t* targets,
   return cudaGetLastError();
 }
 
-cudaError_t cross_entropy_bwd(const float* logits, const int32_t* targets, const float* lse, float scale,
-                              float* dlogits, int64_t n, int64_t v, int64_t vocab_start, int64_t valid_cols,
-                              cudaStream_t s) {
+cudaError_t cross_entropy_bwd(const void* logits, DType logits_dtype, const int32_t* targets, const float* lse,
+                              float scale, void* dlogits, int64_t n, int64_t v, int64_t vocab_start,
+                              int64_t valid_cols, cudaStream_t s) {
   const bool whole = valid_cols < 0;
-  ce_bwd_kernel<<<static_cast<unsigned>(n), kThreads, 0, s>>>(logits, targets, lse, scale, dlogits, v, vocab_start,
-                                                              whole ? v : valid_cols, whole);
-  return cudaGetLastError();
+  return with_storage(logits_dtype, [&](auto tag) {
+    using L = decltype(tag);
+    const auto* pl = static_cast<const L*>(logits);
+    auto* pd = static_cast<L*>(dlogits);
+    const int64_t cols = whole ? v : valid_cols;
+    if (row_vec<L>(v, pl, pd) == 8)
+      ce_bwd_kernel<8><<<static_cast<unsigned>(n), kThreads, 0, s>>>(pl, targets, lse, scale, pd, v, vocab_start, cols,
+                                                                     whole);
+    else
+      ce_bwd_kernel<1><<<static_cast<unsigned>(n), kThreads, 0, s>>>(pl, targets, lse, scale, pd, v, vocab_start, cols,
+                                                                     whole);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace moeforge::cuda::launch

@@ -32,3 +32,12 @@
     MOE_CHECK(moe_launch_status_ == cudaSuccess, "CUDA kernel {} failed to launch: {} ({})", (name),   \
               cudaGetErrorName(moe_launch_status_), cudaGetErrorString(moe_launch_status_));           \
   } while (0)
+
+// The Tensor-level CUDA ops dispatch on their tensors' dtypes; a dtype their kernels do not
+// implement (the catalog's checks normally reject it first) fails here, naming op and argument.
+#define MOE_CUDA_CHECK_COMPUTE_DTYPE(op, arg, t)                                                              \
+  MOE_CHECK((t).dtype() == ::moeforge::DType::kF32 || (t).dtype() == ::moeforge::DType::kBF16,               \
+            "{}: the CUDA kernel takes {} as f32 or bf16, got {}", (op), (arg), (t).str())
+#define MOE_CUDA_CHECK_SAME_DTYPE(op, arg, t, ref_arg, ref)                                                   \
+  MOE_CHECK((t).dtype() == (ref).dtype(), "{}: the CUDA kernel needs {} with the dtype of {} ({}), got {}", \
+            (op), (arg), (ref_arg), (ref).str(), (t).str())

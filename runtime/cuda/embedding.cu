@@ -14,16 +14,28 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void embedding_fwd_kernel(const int32_t* ids, const float* table, float* out, int64_t rows, int64_t c,
+// Row i of out: table row ids[i] - vocab_start (widened from T, rounded to O), in vectors of V
+// elements (V = 8: 16-byte accesses, c % 8 == 0 and aligned rows; V = 1 otherwise).
+template <int V, class T, class O>
+__global__ void embedding_fwd_kernel(const int32_t* ids, const T* table, O* out, int64_t rows, int64_t c,
                                      int64_t vocab_start, int64_t vocab_size) {
   const int64_t i = blockIdx.x;
   const int32_t id = ids[i];
   const int64_t r = id - vocab_start;
-  float* dst = out + i * c;
+  O* dst = out + i * c;
   // A bad id cannot raise an Error from here: its row becomes NaN (see kernels.h).
   const float fill = id < 0 || id >= vocab_size ? NAN : 0.0f;
   const bool here = id >= 0 && id < vocab_size && r >= 0 && r < rows;
-  for (int64_t j = threadIdx.x; j < c; j += blockDim.x) dst[j] = here ? table[r * c + j] : fill;
+  for (int64_t j = threadIdx.x * int64_t{V}; j < c; j += int64_t{blockDim.x} * V) {
+    float v[V];
+    if (here) {
+      load_f32<V>(table + r * c + j, v);
+    } else {
+#pragma unroll
+      for (int t = 0; t < V; ++t) v[t] = fill;
+    }
+    store_f32<V>(dst + j, v);
+  }
 }
 
 __global__ void embedding_keys_kernel(const int32_t* ids, int64_t n, int64_t rows, int64_t vocab_start,
@@ -38,18 +50,19 @@ __global__ void embedding_keys_kernel(const int32_t* ids, int64_t n, int64_t row
 
 // Block b starts a run iff its sorted key differs from the previous one; it then owns that table
 // row and adds the run's gradient rows in (ascending position) order.
+template <class G, class W>
 __global__ void embedding_bwd_kernel(const int32_t* keys, const int32_t* positions, int64_t n, int64_t rows,
-                                     const float* dout, float* dtable, int64_t c) {
+                                     const G* dout, W* dtable, int64_t c) {
   const int64_t b = blockIdx.x;
   const int32_t key = keys[b];
   if (key >= rows || (b > 0 && keys[b - 1] == key)) return;
   int64_t end = b + 1;
   while (end < n && keys[end] == key) ++end;
-  float* dst = dtable + static_cast<int64_t>(key) * c;
+  W* dst = dtable + static_cast<int64_t>(key) * c;
   for (int64_t j = threadIdx.x; j < c; j += blockDim.x) {
-    float s = dst[j];
-    for (int64_t i = b; i < end; ++i) s += dout[static_cast<int64_t>(positions[i]) * c + j];
-    dst[j] = s;
+    float s = to_f32(dst[j]);  // the run is summed in f32 and rounded once into dtable
+    for (int64_t i = b; i < end; ++i) s += to_f32(dout[static_cast<int64_t>(positions[i]) * c + j]);
+    dst[j] = from_f32<W>(s);
   }
 }
 
@@ -64,11 +77,22 @@ int row_threads(int64_t c) { return static_cast<int>(std::max<int64_t>(kWarp, st
 
 }  // namespace
 
-cudaError_t embedding_fwd(const int32_t* ids, int64_t n, const float* table, int64_t rows, int64_t c, float* out,
-                          int64_t vocab_start, int64_t vocab_size, cudaStream_t s) {
-  embedding_fwd_kernel<<<static_cast<unsigned>(n), row_threads(c), 0, s>>>(ids, table, out, rows, c, vocab_start,
-                                                                           vocab_size);
-  return cudaGetLastError();
+cudaError_t embedding_fwd(const int32_t* ids, int64_t n, const void* table, DType table_dtype, int64_t rows,
+                          int64_t c, void* out, DType out_dtype, int64_t vocab_start, int64_t vocab_size,
+                          cudaStream_t s) {
+  return with_storage2(table_dtype, out_dtype, [&](auto tt, auto to) {
+    using T = decltype(tt);
+    using O = decltype(to);
+    const auto* pt = static_cast<const T*>(table);
+    auto* po = static_cast<O*>(out);
+    const unsigned blocks = static_cast<unsigned>(n);
+    if (c % 8 == 0 && aligned16({pt, po}))
+      embedding_fwd_kernel<8><<<blocks, row_threads((c + 7) / 8), 0, s>>>(ids, pt, po, rows, c, vocab_start,
+                                                                          vocab_size);
+    else
+      embedding_fwd_kernel<1><<<blocks, row_threads(c), 0, s>>>(ids, pt, po, rows, c, vocab_start, vocab_size);
+    return cudaGetLastError();
+  });
 }
 
 size_t embedding_bwd_temp_bytes(int64_t n, int64_t rows) {
@@ -81,8 +105,9 @@ size_t embedding_bwd_temp_bytes(int64_t n, int64_t rows) {
   return st == cudaSuccess ? bytes : 0;
 }
 
-cudaError_t embedding_bwd(const int32_t* ids, int64_t n, const float* dout, float* dtable, int64_t rows, int64_t c,
-                          int64_t vocab_start, int64_t vocab_size, int32_t* keys, int32_t* positions, void* temp,
+cudaError_t embedding_bwd(const int32_t* ids, int64_t n, const void* dout, DType dout_dtype, void* dtable,
+                          DType dtable_dtype, int64_t rows, int64_t c, int64_t vocab_start, int64_t vocab_size,
+                          int32_t* keys, int32_t* positions, void* temp,
                           size_t temp_bytes, cudaStream_t s) {
   embedding_keys_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(ids, n, rows, vocab_start, vocab_size, keys,
                                                                    positions);
@@ -91,9 +116,13 @@ cudaError_t embedding_bwd(const int32_t* ids, int64_t n, const float* dout, floa
   st = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys, keys + n, positions, positions + n,
                                        static_cast<int>(n), 0, key_bits(rows), s);
   if (st != cudaSuccess) return st;
-  embedding_bwd_kernel<<<static_cast<unsigned>(n), row_threads(c), 0, s>>>(keys + n, positions + n, n, rows, dout,
-                                                                           dtable, c);
-  return cudaGetLastError();
+  return with_storage2(dout_dtype, dtable_dtype, [&](auto tg, auto tw) {
+    using G = decltype(tg);
+    using W = decltype(tw);
+    embedding_bwd_kernel<<<static_cast<unsigned>(n), row_threads(c), 0, s>>>(
+        keys + n, positions + n, n, rows, static_cast<const G*>(dout), static_cast<W*>(dtable), c);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace moeforge::cuda::launch

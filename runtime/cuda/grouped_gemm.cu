@@ -3,8 +3,18 @@
 //
 // The kernel is a classic shared-memory tiled SGEMM (64 x 64 output tile, 16-deep k slices, 4 x 4
 // outputs per thread) over strided operand views, so the forward, dx and dw products are the
-// same code with different strides. fp32 throughout: this is the fp32 mode's kernel; the bf16
-// tensor-core path is cuBLASLt's (gemm.cpp).
+// same code with different strides. Operands are templated on their storage types (float or
+// __nv_bfloat16): tiles are widened to f32 in shared memory, products accumulate in f32 and each
+// output is rounded once to its type (dw may be f32 while x and dout are bf16: the bf16 products
+// accumulate straight into the fp32 master gradient).
+//
+// Why this kernel and not cuBLAS for bf16: the expert row ranges live only in device memory
+// (offsets from moe_plan). Per-expert cuBLASLt calls and cublasGemmGroupedBatchedEx both take
+// each group's m, n, k from the host, which would cost a device-to-host copy and a stream
+// synchronisation per grouped GEMM (six per MoE layer and step) and stall the CPU's launch
+// queue. Keeping the one-launch, device-offsets design is worth more than the tensor cores for
+// now; the follow-up is a tensor-core (mma/wgmma) tile body in tile_gemm with the same grid, or
+// CUTLASS's grouped GEMM with device-side problem sizes.
 //
 // Row tiles of the forward and dx products: expert e has ceil(rows_e / 64) of them, so all
 // experts together have at most ceil(M / 64) + E; the grid has that many, and block x finds its
@@ -20,14 +30,18 @@ namespace {
 constexpr int kBM = 64, kBN = 64, kBK = 16, kThreads = 256;
 
 // A strided matrix view: element (i, j) at p[i * rs + j * cs].
+// Elements are of storage type T, read widened to f32.
+template <class T>
 struct View {
-  const float* p;
+  const T* p;
   int64_t rs, cs;
-  __device__ __forceinline__ float at(int64_t i, int64_t j) const { return p[i * rs + j * cs]; }
+  __device__ __forceinline__ float at(int64_t i, int64_t j) const { return to_f32(p[i * rs + j * cs]); }
 };
 
-// c (rows, cols) (+)= a (rows, kdim) · b (kdim, cols), for the tile at (row0, col0).
-__device__ void tile_gemm(View a, View b, float* c, int64_t ldc, int64_t rows, int64_t cols, int64_t kdim,
+// c (rows, cols) (+)= a (rows, kdim) · b (kdim, cols), for the tile at (row0, col0); f32
+// accumulation, one rounding to C per element (after adding the old value when accumulating).
+template <class A, class B, class C>
+__device__ void tile_gemm(View<A> a, View<B> b, C* c, int64_t ldc, int64_t rows, int64_t cols, int64_t kdim,
                           int64_t row0, int64_t col0, bool accumulate) {
   __shared__ float as[kBK][kBM + 1];
   __shared__ float bs[kBK][kBN + 1];
@@ -65,7 +79,8 @@ __device__ void tile_gemm(View a, View b, float* c, int64_t ldc, int64_t rows, i
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       const int64_t i = row0 + ty + 16 * r, j = col0 + tx + 16 * s;
-      if (i < rows && j < cols) c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[r][s] : acc[r][s];
+      if (i < rows && j < cols)
+        c[i * ldc + j] = from_f32<C>(accumulate ? to_f32(c[i * ldc + j]) + acc[r][s] : acc[r][s]);
     }
 }
 
@@ -99,27 +114,30 @@ __device__ RowTile find_row_tile(const int64_t* offsets, int64_t num_experts, in
 }
 
 // out_e (rows_e, Cout) = x_e (rows_e, Cin) · w_eᵀ.
-__global__ void grouped_fwd_kernel(const float* x, const float* w, const int64_t* offsets, float* out, int64_t m,
+template <class T>
+__global__ void grouped_fwd_kernel(const T* x, const T* w, const int64_t* offsets, T* out, int64_t m,
                                    int64_t num_experts, int64_t cin, int64_t cout) {
   const RowTile t = find_row_tile(offsets, num_experts, m);
   if (t.expert < 0) return;
-  const View a{x + t.begin * cin, cin, 1};
-  const View b{w + t.expert * cout * cin, 1, cin};  // b(k, j) = w_e[j, k]
+  const View<T> a{x + t.begin * cin, cin, 1};
+  const View<T> b{w + t.expert * cout * cin, 1, cin};  // b(k, j) = w_e[j, k]
   tile_gemm(a, b, out + t.begin * cout, cout, t.rows, cout, cin, t.row0, blockIdx.y * int64_t{kBN}, false);
 }
 
 // dx_e (rows_e, Cin) = dout_e (rows_e, Cout) · w_e.
-__global__ void grouped_dx_kernel(const float* dout, const float* w, const int64_t* offsets, float* dx, int64_t m,
+template <class T>
+__global__ void grouped_dx_kernel(const T* dout, const T* w, const int64_t* offsets, T* dx, int64_t m,
                                   int64_t num_experts, int64_t cin, int64_t cout) {
   const RowTile t = find_row_tile(offsets, num_experts, m);
   if (t.expert < 0) return;
-  const View a{dout + t.begin * cout, cout, 1};
-  const View b{w + t.expert * cout * cin, cin, 1};
+  const View<T> a{dout + t.begin * cout, cout, 1};
+  const View<T> b{w + t.expert * cout * cin, cin, 1};
   tile_gemm(a, b, dx + t.begin * cin, cin, t.rows, cin, cout, t.row0, blockIdx.y * int64_t{kBN}, false);
 }
 
 // dw_e (Cout, Cin) += dout_eᵀ · x_e; grid layer z is expert z.
-__global__ void grouped_dw_kernel(const float* x, const float* dout, const int64_t* offsets, float* dw, int64_t m,
+template <class T, class W>
+__global__ void grouped_dw_kernel(const T* x, const T* dout, const int64_t* offsets, W* dw, int64_t m,
                                   int64_t cin, int64_t cout) {
   const int64_t e = blockIdx.z;
   int64_t start = 0, begin = 0, end = 0;
@@ -128,8 +146,8 @@ __global__ void grouped_dw_kernel(const float* x, const float* dout, const int64
     end = clamp_offset(offsets, i + 1, begin, m);
     start = end;
   }
-  const View a{dout + begin * cout, 1, cout};  // a(i, k) = dout[begin + k, i]
-  const View b{x + begin * cin, cin, 1};
+  const View<T> a{dout + begin * cout, 1, cout};  // a(i, k) = dout[begin + k, i]
+  const View<T> b{x + begin * cin, cin, 1};
   tile_gemm(a, b, dw + e * cout * cin, cin, cout, cin, end - begin, blockIdx.x * int64_t{kBM},
             blockIdx.y * int64_t{kBN}, true);
 }
@@ -138,22 +156,33 @@ unsigned tiles(int64_t n, int tile) { return static_cast<unsigned>((n + tile - 1
 
 }  // namespace
 
-cudaError_t grouped_gemm_fwd(const float* x, const float* w, const int64_t* offsets, float* out, int64_t m,
+cudaError_t grouped_gemm_fwd(const void* x, const void* w, const int64_t* offsets, void* out, DType dtype, int64_t m,
                              int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s) {
-  const dim3 grid(tiles(m, kBM) + static_cast<unsigned>(num_experts), tiles(cout, kBN));
-  grouped_fwd_kernel<<<grid, kThreads, 0, s>>>(x, w, offsets, out, m, num_experts, cin, cout);
-  return cudaGetLastError();
+  return with_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(tiles(m, kBM) + static_cast<unsigned>(num_experts), tiles(cout, kBN));
+    grouped_fwd_kernel<<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(w), offsets,
+                                                 static_cast<T*>(out), m, num_experts, cin, cout);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t grouped_gemm_bwd(const float* x, const float* w, const int64_t* offsets, const float* dout, float* dx,
-                             float* dw, int64_t m, int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s) {
-  if (m > 0) {
-    const dim3 grid(tiles(m, kBM) + static_cast<unsigned>(num_experts), tiles(cin, kBN));
-    grouped_dx_kernel<<<grid, kThreads, 0, s>>>(dout, w, offsets, dx, m, num_experts, cin, cout);
-  }
-  const dim3 grid(tiles(cout, kBM), tiles(cin, kBN), static_cast<unsigned>(num_experts));
-  grouped_dw_kernel<<<grid, kThreads, 0, s>>>(x, dout, offsets, dw, m, cin, cout);
-  return cudaGetLastError();
+cudaError_t grouped_gemm_bwd(const void* x, const void* w, const int64_t* offsets, const void* dout, void* dx,
+                             void* dw, DType dtype, DType dw_dtype, int64_t m, int64_t num_experts, int64_t cin,
+                             int64_t cout, cudaStream_t s) {
+  return with_storage2(dtype, dw_dtype, [&](auto tag, auto tw) {
+    using T = decltype(tag);
+    using W = decltype(tw);
+    if (m > 0) {
+      const dim3 grid(tiles(m, kBM) + static_cast<unsigned>(num_experts), tiles(cin, kBN));
+      grouped_dx_kernel<<<grid, kThreads, 0, s>>>(static_cast<const T*>(dout), static_cast<const T*>(w), offsets,
+                                                  static_cast<T*>(dx), m, num_experts, cin, cout);
+    }
+    const dim3 grid(tiles(cout, kBM), tiles(cin, kBN), static_cast<unsigned>(num_experts));
+    grouped_dw_kernel<<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(dout), offsets,
+                                                static_cast<W*>(dw), m, cin, cout);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace moeforge::cuda::launch

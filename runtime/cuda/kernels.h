@@ -10,6 +10,11 @@
 // an out-of-range position or offset is skipped or clamped. The CPU backend, which the tests run,
 // reports them as Errors.
 //
+// Dtypes: every op takes the combinations of the dtype contract in runtime/ops.h (f32, or bf16
+// activations with f32 statistics, losses and routing; kernels widen bf16 loads to f32, compute
+// in f32 and round once at each store); a Tensor-level op fails with MOE_CHECK on a dtype its
+// kernels do not implement.
+//
 // Files, one per op family: elementwise.cu (+ casts), gemm.cpp (cuBLASLt), grouped_gemm.cu,
 // embedding.cu, rmsnorm.cu, rope_swiglu.cu, cross_entropy.cu, attention.cu (+ flash_attention*.cu),
 // router.cu, moe_dispatch.cu; the optimizer update is in adamw.h.
@@ -27,7 +32,8 @@ void add(const Tensor& a, const Tensor& b, const Tensor& out);
 void add_(const Tensor& dst, const Tensor& src, float alpha);
 void scale_(const Tensor& t, float alpha);
 double sum_squares(const Tensor& t);
-// dst = src converted between f32, bf16 and f16 (round to nearest even), same shape, same device.
+// dst = src converted between f32, bf16 and f16 (round to nearest even, NaN stays NaN), same
+// shape, same device; the same dtype is an exact copy.
 void cast(const Tensor& src, const Tensor& dst);
 
 // ---- matrix products (gemm.cpp, grouped_gemm.cu) ----

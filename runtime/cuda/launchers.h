@@ -19,51 +19,66 @@ namespace moeforge::cuda::launch {
 
 // ---- elementwise.cu ----
 cudaError_t fill(void* p, DType dtype, int64_t n, float value, cudaStream_t s);
-cudaError_t add(const float* a, const float* b, float* out, int64_t n, cudaStream_t s);
-cudaError_t axpy(float* dst, const float* src, float alpha, int64_t n, cudaStream_t s);
-cudaError_t scale(float* p, float alpha, int64_t n, cudaStream_t s);
+// Compute dtypes (f32, bf16) as noted; f32 arithmetic, one rounding per stored element.
+// a, b, out: one dtype.
+cudaError_t add(const void* a, const void* b, void* out, DType dtype, int64_t n, cudaStream_t s);
+// dst += alpha * src; dst and src each f32 or bf16.
+cudaError_t axpy(void* dst, DType dst_dtype, const void* src, DType src_dtype, float alpha, int64_t n,
+                 cudaStream_t s);
+cudaError_t scale(void* p, DType dtype, float alpha, int64_t n, cudaStream_t s);
 // scratch: kSumSquaresScratch doubles; the result lands in scratch[kSumSquaresScratch - 1].
 constexpr int kSumSquaresScratch = 513;
-cudaError_t sum_squares(const float* p, int64_t n, double* scratch, cudaStream_t s);
+cudaError_t sum_squares(const void* p, DType dtype, int64_t n, double* scratch, cudaStream_t s);
 // f32, bf16 and f16 in any combination.
 cudaError_t cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n, cudaStream_t s);
 
 // ---- embedding.cu ----
-cudaError_t embedding_fwd(const int32_t* ids, int64_t n, const float* table, int64_t rows, int64_t c, float* out,
-                          int64_t vocab_start, int64_t vocab_size, cudaStream_t s);
+// table and out each f32 or bf16.
+cudaError_t embedding_fwd(const int32_t* ids, int64_t n, const void* table, DType table_dtype, int64_t rows,
+                          int64_t c, void* out, DType out_dtype, int64_t vocab_start, int64_t vocab_size,
+                          cudaStream_t s);
 // Scratch of the backward: keys and positions of 2 n int32 each, and the sort's temp storage.
 size_t embedding_bwd_temp_bytes(int64_t n, int64_t rows);
-cudaError_t embedding_bwd(const int32_t* ids, int64_t n, const float* dout, float* dtable, int64_t rows, int64_t c,
-                          int64_t vocab_start, int64_t vocab_size, int32_t* keys, int32_t* positions, void* temp,
-                          size_t temp_bytes, cudaStream_t s);
+// dout and dtable each f32 or bf16 (each table row's run is summed in f32, rounded once).
+cudaError_t embedding_bwd(const int32_t* ids, int64_t n, const void* dout, DType dout_dtype, void* dtable,
+                          DType dtable_dtype, int64_t rows, int64_t c, int64_t vocab_start, int64_t vocab_size,
+                          int32_t* keys, int32_t* positions, void* temp, size_t temp_bytes, cudaStream_t s);
 
 // ---- rmsnorm.cu ----
-cudaError_t rmsnorm_fwd(const float* x, const float* w, float eps, float* out, float* rstd, int64_t n, int64_t c,
-                        cudaStream_t s);
+// Storage dtypes (f32 or bf16 each): x of x, out, dout and dx; w of w; dw of dw. rstd is f32.
+struct RmsNormDTypes {
+  DType x, w, dw;
+};
+cudaError_t rmsnorm_fwd(const void* x, const void* w, float eps, void* out, float* rstd, int64_t n, int64_t c,
+                        const RmsNormDTypes& t, cudaStream_t s);
 // Chunks of rows the dw reduction uses; partial holds chunks * c floats.
 int64_t rmsnorm_bwd_chunks(int64_t n);
-cudaError_t rmsnorm_bwd(const float* x, const float* w, const float* rstd, const float* dout, float* dx, float* dw,
-                        int64_t n, int64_t c, float* partial, cudaStream_t s);
+cudaError_t rmsnorm_bwd(const void* x, const void* w, const float* rstd, const void* dout, void* dx, void* dw,
+                        int64_t n, int64_t c, float* partial, const RmsNormDTypes& t, cudaStream_t s);
 
 // ---- rope_swiglu.cu ----
-// x, out (B, T, H, D); sign +1 forward, -1 the inverse rotation; table holds 2 * T * (D / 2) floats.
-cudaError_t rope(const float* x, float* out, int64_t b, int64_t t, int64_t h, int64_t d, float theta, float sign,
-                 float* table, cudaStream_t s);
-cudaError_t swiglu_fwd(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s);
-cudaError_t swiglu_bwd(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n,
-                       cudaStream_t s);
+// x, out (B, T, H, D), one dtype (f32 or bf16); sign +1 forward, -1 the inverse rotation; table
+// holds 2 * T * (D / 2) floats.
+cudaError_t rope(const void* x, void* out, DType dtype, int64_t b, int64_t t, int64_t h, int64_t d, float theta,
+                 float sign, float* table, cudaStream_t s);
+// All tensors of one dtype (f32 or bf16).
+cudaError_t swiglu_fwd(const void* gate, const void* up, void* out, DType dtype, int64_t n, cudaStream_t s);
+cudaError_t swiglu_bwd(const void* gate, const void* up, const void* dout, void* dgate, void* dup, DType dtype,
+                       int64_t n, cudaStream_t s);
 
 // ---- cross_entropy.cu ----
-cudaError_t cross_entropy_fwd(const float* logits, const int32_t* targets, float* losses, float* lse, int64_t n,
-                              int64_t v, cudaStream_t s);
-cudaError_t cross_entropy_partial_fwd(const float* logits, const int32_t* targets, int64_t n, int64_t v,
-                                      int64_t vocab_start, int64_t valid_cols, float* partial, cudaStream_t s);
+// logits (and dlogits, the same dtype) f32 or bf16; losses, lse, partials f32.
+cudaError_t cross_entropy_fwd(const void* logits, DType logits_dtype, const int32_t* targets, float* losses,
+                              float* lse, int64_t n, int64_t v, cudaStream_t s);
+cudaError_t cross_entropy_partial_fwd(const void* logits, DType logits_dtype, const int32_t* targets, int64_t n,
+                                      int64_t v, int64_t vocab_start, int64_t valid_cols, float* partial,
+                                      cudaStream_t s);
 cudaError_t cross_entropy_combine(const float* partials, const int32_t* targets, int64_t r_count, int64_t n,
                                   int64_t vocab_size, float* losses, float* lse, cudaStream_t s);
 // valid_cols < 0: the whole vocabulary, and targets >= v give NaN rows.
-cudaError_t cross_entropy_bwd(const float* logits, const int32_t* targets, const float* lse, float scale,
-                              float* dlogits, int64_t n, int64_t v, int64_t vocab_start, int64_t valid_cols,
-                              cudaStream_t s);
+cudaError_t cross_entropy_bwd(const void* logits, DType logits_dtype, const int32_t* targets, const float* lse,
+                              float scale, void* dlogits, int64_t n, int64_t v, int64_t vocab_start,
+                              int64_t valid_cols, cudaStream_t s);
 
 // ---- attention.cu ----
 struct AttentionDims {
@@ -90,10 +105,12 @@ cudaError_t flash_attention_bwd_sm90(const flash::FlashArgs& args, const flash::
                                      cudaStream_t s);
 
 // ---- grouped_gemm.cu ----
-cudaError_t grouped_gemm_fwd(const float* x, const float* w, const int64_t* offsets, float* out, int64_t m,
+// x, w, out, dout, dx of `dtype` (f32 or bf16); dw of dw_dtype (f32, or bf16 with bf16 operands).
+cudaError_t grouped_gemm_fwd(const void* x, const void* w, const int64_t* offsets, void* out, DType dtype, int64_t m,
                              int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s);
-cudaError_t grouped_gemm_bwd(const float* x, const float* w, const int64_t* offsets, const float* dout, float* dx,
-                             float* dw, int64_t m, int64_t num_experts, int64_t cin, int64_t cout, cudaStream_t s);
+cudaError_t grouped_gemm_bwd(const void* x, const void* w, const int64_t* offsets, const void* dout, void* dx,
+                             void* dw, DType dtype, DType dw_dtype, int64_t m, int64_t num_experts, int64_t cin,
+                             int64_t cout, cudaStream_t s);
 
 // ---- fused_router.cu ----
 // The aux loss's and z-loss's statistics the gating kernel can produce on the way (internal; see
@@ -144,15 +161,17 @@ cudaError_t moe_plan(const int32_t* experts, int64_t m, int64_t e, int32_t* posi
 // experts, dispatch (n, k); base (k, e). scratch as for moe_plan with count n.
 cudaError_t moe_apply_capacity(const int32_t* experts, int64_t n, int64_t k, int64_t e, int64_t capacity,
                                const int64_t* base, int32_t* dispatch, int32_t* scratch, cudaStream_t s);
-// x (n, c), positions (n, k), out (m, c).
-cudaError_t moe_permute_fwd(const float* x, const int32_t* positions, float* out, int64_t n, int64_t k, int64_t c,
-                            int64_t m, cudaStream_t s);
-cudaError_t moe_permute_bwd(const float* dout, const int32_t* positions, float* dx, int64_t n, int64_t k, int64_t c,
-                            int64_t m, cudaStream_t s);
-cudaError_t moe_unpermute_fwd(const float* y, const int32_t* positions, const float* weights, float* out, int64_t n,
-                              int64_t k, int64_t c, int64_t m, cudaStream_t s);
-cudaError_t moe_unpermute_bwd(const float* y, const int32_t* positions, const float* weights, const float* dout,
-                              float* dy, float* dweights, int64_t n, int64_t k, int64_t c, int64_t m, cudaStream_t s);
+// x (n, c), positions (n, k), out (m, c). Row tensors (x/out, dout/dx, y/dout/dy) share `dtype`
+// (f32 or bf16); weights and dweights are f32.
+cudaError_t moe_permute_fwd(const void* x, const int32_t* positions, void* out, DType dtype, int64_t n, int64_t k,
+                            int64_t c, int64_t m, cudaStream_t s);
+cudaError_t moe_permute_bwd(const void* dout, const int32_t* positions, void* dx, DType dtype, int64_t n, int64_t k,
+                            int64_t c, int64_t m, cudaStream_t s);
+cudaError_t moe_unpermute_fwd(const void* y, const int32_t* positions, const float* weights, void* out, DType dtype,
+                              int64_t n, int64_t k, int64_t c, int64_t m, cudaStream_t s);
+cudaError_t moe_unpermute_bwd(const void* y, const int32_t* positions, const float* weights, const void* dout,
+                              void* dy, float* dweights, DType dtype, int64_t n, int64_t k, int64_t c, int64_t m,
+                              cudaStream_t s);
 
 // ---- adamw.cu ----
 // Per-step scalars of the AdamW update (see optim/adamw.h), each rounded to f32 once.

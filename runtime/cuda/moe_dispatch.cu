@@ -15,7 +15,8 @@
 // the plan's -1 for a dropped copy) is treated as dropped: position or dispatch -1.
 //
 // The gathers run one block per token row (or per copy for unpermute_bwd), threads over C, in
-// float4 when the rows are 16-byte aligned (routing_plan.h's row_vector_width). Positions
+// 16-byte vectors (4 floats or 8 bf16) when the rows are 16-byte aligned (common.cuh's vec16_ok),
+// rows of f32 or bf16 (f32 sums, one rounding per stored element). Positions
 // outside [0, M) are skipped (see runtime/cuda/kernels.h). Every output element is produced by
 // one thread with the CPU's summation order over the copies k.
 #include <initializer_list>
@@ -180,42 +181,31 @@ cudaError_t stable_ranks(const int32_t* ids, int64_t count, int64_t stride, int6
 
 __device__ __forceinline__ bool kept(int32_t p, int64_t m) { return p >= 0 && p < m; }
 
-// V consecutive floats of a row: one float4 access (16-byte aligned, routing::row_vector_width
-// checked it) or one float.
+// V consecutive elements of a row of T (float or __nv_bfloat16), widened to f32: one 16-byte
+// access when V == kVec16<T> (4 floats, 8 bf16; vec16_ok checked alignment) or one element.
 template <int V>
 struct Vec {
   float v[V];
 };
 
-template <int V>
-__device__ __forceinline__ Vec<V> load(const float* p) {
+template <int V, class T>
+__device__ __forceinline__ Vec<V> load(const T* p) {
   Vec<V> r;
-  if constexpr (V == 4) {
-    const float4 q = *reinterpret_cast<const float4*>(p);
-    r.v[0] = q.x;
-    r.v[1] = q.y;
-    r.v[2] = q.z;
-    r.v[3] = q.w;
-  } else {
-    r.v[0] = *p;
-  }
+  load_f32<V>(p, r.v);
   return r;
 }
 
-template <int V>
-__device__ __forceinline__ void store(float* p, const Vec<V>& r) {
-  if constexpr (V == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(r.v[0], r.v[1], r.v[2], r.v[3]);
-  } else {
-    *p = r.v[0];
-  }
+template <int V, class T>
+__device__ __forceinline__ void store(T* p, const Vec<V>& r) {
+  store_f32<V>(p, r.v);
 }
 
-// Rows are c floats, cv = c / V vectors; vector i of row r starts at float (r * cv + i) * V.
+// Rows are c elements of T, cv = c / V vectors; vector i of row r starts at element (r * cv + i) * V.
+// Sums are f32, each output element rounded once to T.
 
 // Block n: x[n] is read once and written to each kept copy's row.
-template <int V>
-__global__ void permute_fwd_kernel(const float* x, const int32_t* positions, float* out, int64_t k, int64_t cv,
+template <int V, class T>
+__global__ void permute_fwd_kernel(const T* x, const int32_t* positions, T* out, int64_t k, int64_t cv,
                                    int64_t m) {
   const int64_t n = blockIdx.x;
   const int32_t* pos = positions + n * k;
@@ -229,8 +219,8 @@ __global__ void permute_fwd_kernel(const float* x, const int32_t* positions, flo
 }
 
 // Block n: dx[n] = sum over the kept copies in k order.
-template <int V>
-__global__ void permute_bwd_kernel(const float* dout, const int32_t* positions, float* dx, int64_t k, int64_t cv,
+template <int V, class T>
+__global__ void permute_bwd_kernel(const T* dout, const int32_t* positions, T* dx, int64_t k, int64_t cv,
                                    int64_t m) {
   const int64_t n = blockIdx.x;
   const int32_t* pos = positions + n * k;
@@ -247,8 +237,8 @@ __global__ void permute_bwd_kernel(const float* dout, const int32_t* positions, 
 }
 
 // Block n: out[n] = sum over the kept copies in k order of weights[n, j] * y[positions[n, j]].
-template <int V>
-__global__ void unpermute_fwd_kernel(const float* y, const int32_t* positions, const float* weights, float* out,
+template <int V, class T>
+__global__ void unpermute_fwd_kernel(const T* y, const int32_t* positions, const float* weights, T* out,
                                      int64_t k, int64_t cv, int64_t m) {
   const int64_t n = blockIdx.x;
   const int32_t* pos = positions + n * k;
@@ -266,9 +256,9 @@ __global__ void unpermute_fwd_kernel(const float* y, const int32_t* positions, c
 }
 
 // One block per copy (n, j): dy[p] = w * dout[n], dweights[n, j] = <dout[n], y[p]>.
-template <int V>
-__global__ void unpermute_bwd_kernel(const float* y, const int32_t* positions, const float* weights,
-                                     const float* dout, float* dy, float* dweights, int64_t k, int64_t cv, int64_t m) {
+template <int V, class T>
+__global__ void unpermute_bwd_kernel(const T* y, const int32_t* positions, const float* weights, const T* dout,
+                                     T* dy, float* dweights, int64_t k, int64_t cv, int64_t m) {
   __shared__ float scratch[32];
   const int64_t copy = blockIdx.x, n = copy / k;
   const int32_t p = positions[copy];
@@ -292,11 +282,6 @@ __global__ void unpermute_bwd_kernel(const float* y, const int32_t* positions, c
   if (threadIdx.x == 0) dweights[copy] = dot;
 }
 
-// The vector width of a gather over rows of c floats touching these buffers.
-int vector_width(int64_t c, std::initializer_list<const void*> ptrs) {
-  return routing::row_vector_width(c, ptrs.begin(), static_cast<int>(ptrs.size()));
-}
-
 }  // namespace
 
 cudaError_t moe_plan(const int32_t* experts, int64_t m, int64_t e, int32_t* positions, int64_t* offsets,
@@ -317,47 +302,67 @@ cudaError_t moe_apply_capacity(const int32_t* experts, int64_t n, int64_t k, int
 }
 
 // The gathers: one block per row (per copy for unpermute_bwd), routing::row_threads threads,
-// float4 when routing::row_vector_width allows.
-cudaError_t moe_permute_fwd(const float* x, const int32_t* positions, float* out, int64_t n, int64_t k, int64_t c,
-                            int64_t m, cudaStream_t s) {
-  const unsigned blocks = static_cast<unsigned>(n);
-  if (vector_width(c, {x, out}) == 4)
-    permute_fwd_kernel<4><<<blocks, routing::row_threads(c, 4), 0, s>>>(x, positions, out, k, c / 4, m);
-  else
-    permute_fwd_kernel<1><<<blocks, routing::row_threads(c, 1), 0, s>>>(x, positions, out, k, c, m);
-  return cudaGetLastError();
+// 16-byte vectors (4 floats, 8 bf16) when vec16_ok allows. x/out, dout/dx, y/dout/dy: one dtype.
+#define MOE_ROW_GATHER(kernel, blocks, c, vec, ...)                                                      \
+  do {                                                                                                   \
+    constexpr int kV = kVec16<T>;                                                                        \
+    if (vec)                                                                                             \
+      kernel<kV><<<(blocks), routing::row_threads(c, kV), 0, s>>>(__VA_ARGS__, (c) / kV, m);             \
+    else                                                                                                 \
+      kernel<1><<<(blocks), routing::row_threads(c, 1), 0, s>>>(__VA_ARGS__, (c), m);                   \
+  } while (0)
+
+cudaError_t moe_permute_fwd(const void* x, const int32_t* positions, void* out, DType dtype, int64_t n, int64_t k,
+                            int64_t c, int64_t m, cudaStream_t s) {
+  return with_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* px = static_cast<const T*>(x);
+    auto* po = static_cast<T*>(out);
+    const bool vec = vec16_ok<T>(c, {px, po});
+    MOE_ROW_GATHER(permute_fwd_kernel, static_cast<unsigned>(n), c, vec, px, positions, po, k);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t moe_permute_bwd(const float* dout, const int32_t* positions, float* dx, int64_t n, int64_t k, int64_t c,
-                            int64_t m, cudaStream_t s) {
-  const unsigned blocks = static_cast<unsigned>(n);
-  if (vector_width(c, {dout, dx}) == 4)
-    permute_bwd_kernel<4><<<blocks, routing::row_threads(c, 4), 0, s>>>(dout, positions, dx, k, c / 4, m);
-  else
-    permute_bwd_kernel<1><<<blocks, routing::row_threads(c, 1), 0, s>>>(dout, positions, dx, k, c, m);
-  return cudaGetLastError();
+cudaError_t moe_permute_bwd(const void* dout, const int32_t* positions, void* dx, DType dtype, int64_t n, int64_t k,
+                            int64_t c, int64_t m, cudaStream_t s) {
+  return with_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* pd = static_cast<const T*>(dout);
+    auto* px = static_cast<T*>(dx);
+    const bool vec = vec16_ok<T>(c, {pd, px});
+    MOE_ROW_GATHER(permute_bwd_kernel, static_cast<unsigned>(n), c, vec, pd, positions, px, k);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t moe_unpermute_fwd(const float* y, const int32_t* positions, const float* weights, float* out, int64_t n,
-                              int64_t k, int64_t c, int64_t m, cudaStream_t s) {
-  const unsigned blocks = static_cast<unsigned>(n);
-  if (vector_width(c, {y, out}) == 4)
-    unpermute_fwd_kernel<4><<<blocks, routing::row_threads(c, 4), 0, s>>>(y, positions, weights, out, k, c / 4, m);
-  else
-    unpermute_fwd_kernel<1><<<blocks, routing::row_threads(c, 1), 0, s>>>(y, positions, weights, out, k, c, m);
-  return cudaGetLastError();
+cudaError_t moe_unpermute_fwd(const void* y, const int32_t* positions, const float* weights, void* out, DType dtype,
+                              int64_t n, int64_t k, int64_t c, int64_t m, cudaStream_t s) {
+  return with_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* py = static_cast<const T*>(y);
+    auto* po = static_cast<T*>(out);
+    const bool vec = vec16_ok<T>(c, {py, po});
+    MOE_ROW_GATHER(unpermute_fwd_kernel, static_cast<unsigned>(n), c, vec, py, positions, weights, po, k);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t moe_unpermute_bwd(const float* y, const int32_t* positions, const float* weights, const float* dout,
-                              float* dy, float* dweights, int64_t n, int64_t k, int64_t c, int64_t m, cudaStream_t s) {
-  const unsigned blocks = static_cast<unsigned>(n * k);
-  if (vector_width(c, {y, dout, dy}) == 4)
-    unpermute_bwd_kernel<4><<<blocks, routing::row_threads(c, 4), 0, s>>>(y, positions, weights, dout, dy, dweights, k,
-                                                                         c / 4, m);
-  else
-    unpermute_bwd_kernel<1><<<blocks, routing::row_threads(c, 1), 0, s>>>(y, positions, weights, dout, dy, dweights, k,
-                                                                         c, m);
-  return cudaGetLastError();
+cudaError_t moe_unpermute_bwd(const void* y, const int32_t* positions, const float* weights, const void* dout,
+                              void* dy, float* dweights, DType dtype, int64_t n, int64_t k, int64_t c, int64_t m,
+                              cudaStream_t s) {
+  return with_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* py = static_cast<const T*>(y);
+    const auto* pd = static_cast<const T*>(dout);
+    auto* pdy = static_cast<T*>(dy);
+    const bool vec = vec16_ok<T>(c, {py, pd, pdy});
+    MOE_ROW_GATHER(unpermute_bwd_kernel, static_cast<unsigned>(n * k), c, vec, py, positions, weights, pd, pdy,
+                   dweights, k);
+    return cudaGetLastError();
+  });
 }
+
+#undef MOE_ROW_GATHER
 
 }  // namespace moeforge::cuda::launch

@@ -23,14 +23,20 @@ void embedding_fwd(const Tensor& ids, const Tensor& table, const Tensor& out, in
   const int64_t n = ids.numel(), c = table.dim(1);
   if (n == 0 || c == 0) return;
   check_row_grid("embedding_fwd", n);
-  MOE_CUDA_CHECK(launch::embedding_fwd(ids.data<int32_t>(), n, table.data<float>(), table.dim(0), c, out.data<float>(),
-                                       vocab_start, vocab_size, stream_of(out)));
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("embedding_fwd", "table", table);
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("embedding_fwd", "out", out);
+  MOE_CUDA_CHECK(launch::embedding_fwd(ids.data<int32_t>(), n, table.raw_data(), table.dtype(), table.dim(0), c,
+                                       out.raw_data(), out.dtype(), vocab_start, vocab_size, stream_of(out)));
 }
 
 void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable, int64_t vocab_start,
                    int64_t vocab_size) {
   const int64_t n = ids.numel(), rows = dtable.dim(0), c = dtable.dim(1);
   if (n == 0 || c == 0) return;
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("embedding_bwd", "dout", dout);
+  MOE_CHECK(dtable.dtype() == DType::kF32 || dtable.dtype() == dout.dtype(),
+            "embedding_bwd: the CUDA kernel takes dtable as f32 or dout's dtype ({}), got {}", dout.str(),
+            dtable.str());
   MOE_CHECK(n < (int64_t{1} << 31) && rows < (int64_t{1} << 31) - 1,
             "embedding_bwd: {} ids or {} table rows exceed the 32-bit sort keys", n, rows);
   const size_t temp_bytes = launch::embedding_bwd_temp_bytes(n, rows);
@@ -38,8 +44,9 @@ void embedding_bwd(const Tensor& ids, const Tensor& dout, const Tensor& dtable, 
   const Tensor keys = Tensor::empty({2 * n}, DType::kI32, ids.device());
   const Tensor positions = Tensor::empty({2 * n}, DType::kI32, ids.device());
   const Tensor temp = Tensor::empty({static_cast<int64_t>(temp_bytes)}, DType::kBF16, ids.device());  // >= bytes
-  MOE_CUDA_CHECK(launch::embedding_bwd(ids.data<int32_t>(), n, dout.data<float>(), dtable.data<float>(), rows, c,
-                                       vocab_start, vocab_size, keys.data<int32_t>(), positions.data<int32_t>(),
+  MOE_CUDA_CHECK(launch::embedding_bwd(ids.data<int32_t>(), n, dout.raw_data(), dout.dtype(), dtable.raw_data(),
+                                       dtable.dtype(), rows, c, vocab_start, vocab_size, keys.data<int32_t>(),
+                                       positions.data<int32_t>(),
                                        temp.raw_data(), temp_bytes, stream_of(ids)));
 }
 
@@ -47,8 +54,13 @@ void rmsnorm_fwd(const Tensor& x, const Tensor& w, float eps, const Tensor& out,
   const int64_t c = w.numel(), n = x.numel() / c;
   if (n == 0) return;
   check_row_grid("rmsnorm_fwd", n);
-  MOE_CUDA_CHECK(launch::rmsnorm_fwd(x.data<float>(), w.data<float>(), eps, out.data<float>(), rstd.data<float>(), n,
-                                     c, stream_of(x)));
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("rmsnorm_fwd", "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("rmsnorm_fwd", "out", out, "x", x);
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("rmsnorm_fwd", "w", w);
+  MOE_CHECK(rstd.dtype() == DType::kF32, "rmsnorm_fwd: rstd must be f32, got {}", rstd.str());
+  const launch::RmsNormDTypes t{x.dtype(), w.dtype(), DType::kF32};
+  MOE_CUDA_CHECK(launch::rmsnorm_fwd(x.raw_data(), w.raw_data(), eps, out.raw_data(), rstd.data<float>(), n, c, t,
+                                     stream_of(x)));
 }
 
 void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Tensor& dout, const Tensor& dx,
@@ -56,45 +68,64 @@ void rmsnorm_bwd(const Tensor& x, const Tensor& w, const Tensor& rstd, const Ten
   const int64_t c = w.numel(), n = x.numel() / c;
   if (n == 0) return;
   check_row_grid("rmsnorm_bwd", n);
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("rmsnorm_bwd", "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("rmsnorm_bwd", "dout", dout, "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("rmsnorm_bwd", "dx", dx, "x", x);
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("rmsnorm_bwd", "w", w);
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("rmsnorm_bwd", "dw", dw);
+  MOE_CHECK(rstd.dtype() == DType::kF32, "rmsnorm_bwd: rstd must be f32, got {}", rstd.str());
   const int64_t chunks = launch::rmsnorm_bwd_chunks(n);
   MOE_CHECK(chunks < 65536, "rmsnorm_bwd: {} rows exceed the CUDA grid ({} chunks)", n, chunks);
   const Tensor partial = Tensor::empty({chunks, c}, DType::kF32, x.device());
-  MOE_CUDA_CHECK(launch::rmsnorm_bwd(x.data<float>(), w.data<float>(), rstd.data<float>(), dout.data<float>(),
-                                     dx.data<float>(), dw.data<float>(), n, c, partial.data<float>(), stream_of(x)));
+  const launch::RmsNormDTypes t{x.dtype(), w.dtype(), dw.dtype()};
+  MOE_CUDA_CHECK(launch::rmsnorm_bwd(x.raw_data(), w.raw_data(), rstd.data<float>(), dout.raw_data(), dx.raw_data(),
+                                     dw.raw_data(), n, c, partial.data<float>(), t, stream_of(x)));
 }
 
 namespace {
-void rope_rotate(const Tensor& x, float theta, float sign, const Tensor& out) {
+void rope_rotate(const char* op, const Tensor& x, float theta, float sign, const Tensor& out) {
+  MOE_CUDA_CHECK_COMPUTE_DTYPE(op, "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE(op, "out", out, "x", x);
   const int64_t b = x.dim(0), t = x.dim(1), h = x.dim(2), d = x.dim(3);
   if (b * t * h == 0 || d == 0) return;
   const Tensor table = Tensor::empty({2, t, d / 2}, DType::kF32, x.device());
-  MOE_CUDA_CHECK(
-      launch::rope(x.data<float>(), out.data<float>(), b, t, h, d, theta, sign, table.data<float>(), stream_of(x)));
+  MOE_CUDA_CHECK(launch::rope(x.raw_data(), out.raw_data(), x.dtype(), b, t, h, d, theta, sign, table.data<float>(),
+                              stream_of(x)));
 }
 }  // namespace
 
-void rope_fwd(const Tensor& x, float theta, const Tensor& out) { rope_rotate(x, theta, 1.0f, out); }
+void rope_fwd(const Tensor& x, float theta, const Tensor& out) { rope_rotate("rope_fwd", x, theta, 1.0f, out); }
 
-void rope_bwd(const Tensor& dout, float theta, const Tensor& dx) { rope_rotate(dout, theta, -1.0f, dx); }
+void rope_bwd(const Tensor& dout, float theta, const Tensor& dx) { rope_rotate("rope_bwd", dout, theta, -1.0f, dx); }
 
 void swiglu_fwd(const Tensor& gate, const Tensor& up, const Tensor& out) {
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("swiglu_fwd", "gate", gate);
+  MOE_CUDA_CHECK_SAME_DTYPE("swiglu_fwd", "up", up, "gate", gate);
+  MOE_CUDA_CHECK_SAME_DTYPE("swiglu_fwd", "out", out, "gate", gate);
   if (gate.numel() == 0) return;
-  MOE_CUDA_CHECK(launch::swiglu_fwd(gate.data<float>(), up.data<float>(), out.data<float>(), gate.numel(),
+  MOE_CUDA_CHECK(launch::swiglu_fwd(gate.raw_data(), up.raw_data(), out.raw_data(), gate.dtype(), gate.numel(),
                                     stream_of(gate)));
 }
 
 void swiglu_bwd(const Tensor& gate, const Tensor& up, const Tensor& dout, const Tensor& dgate, const Tensor& dup) {
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("swiglu_bwd", "gate", gate);
+  MOE_CUDA_CHECK_SAME_DTYPE("swiglu_bwd", "up", up, "gate", gate);
+  MOE_CUDA_CHECK_SAME_DTYPE("swiglu_bwd", "dout", dout, "gate", gate);
+  MOE_CUDA_CHECK_SAME_DTYPE("swiglu_bwd", "dgate", dgate, "gate", gate);
+  MOE_CUDA_CHECK_SAME_DTYPE("swiglu_bwd", "dup", dup, "gate", gate);
   if (gate.numel() == 0) return;
-  MOE_CUDA_CHECK(launch::swiglu_bwd(gate.data<float>(), up.data<float>(), dout.data<float>(), dgate.data<float>(),
-                                    dup.data<float>(), gate.numel(), stream_of(gate)));
+  MOE_CUDA_CHECK(launch::swiglu_bwd(gate.raw_data(), up.raw_data(), dout.raw_data(), dgate.raw_data(), dup.raw_data(),
+                                    gate.dtype(), gate.numel(), stream_of(gate)));
 }
 
 void cross_entropy_fwd(const Tensor& logits, const Tensor& targets, const Tensor& losses, const Tensor& lse) {
   const int64_t n = logits.dim(0);
   if (n == 0) return;
   check_row_grid("cross_entropy_fwd", n);
-  MOE_CUDA_CHECK(launch::cross_entropy_fwd(logits.data<float>(), targets.data<int32_t>(), losses.data<float>(),
-                                           lse.data<float>(), n, logits.dim(1), stream_of(logits)));
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("cross_entropy_fwd", "logits", logits);
+  MOE_CUDA_CHECK(launch::cross_entropy_fwd(logits.raw_data(), logits.dtype(), targets.data<int32_t>(),
+                                           losses.data<float>(), lse.data<float>(), n, logits.dim(1),
+                                           stream_of(logits)));
 }
 
 void cross_entropy_partial_fwd(const Tensor& logits, const Tensor& targets, int64_t vocab_start, int64_t valid_cols,
@@ -102,8 +133,10 @@ void cross_entropy_partial_fwd(const Tensor& logits, const Tensor& targets, int6
   const int64_t n = logits.dim(0);
   if (n == 0) return;
   check_row_grid("cross_entropy_partial_fwd", n);
-  MOE_CUDA_CHECK(launch::cross_entropy_partial_fwd(logits.data<float>(), targets.data<int32_t>(), n, logits.dim(1),
-                                                   vocab_start, valid_cols, partial.data<float>(), stream_of(logits)));
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("cross_entropy_partial_fwd", "logits", logits);
+  MOE_CUDA_CHECK(launch::cross_entropy_partial_fwd(logits.raw_data(), logits.dtype(), targets.data<int32_t>(), n,
+                                                   logits.dim(1), vocab_start, valid_cols, partial.data<float>(),
+                                                   stream_of(logits)));
 }
 
 void cross_entropy_combine(const Tensor& partials, const Tensor& targets, int64_t vocab_size, const Tensor& losses,
@@ -120,9 +153,11 @@ void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor
   const int64_t n = logits.dim(0);
   if (n == 0) return;
   check_row_grid("cross_entropy_bwd", n);
-  MOE_CUDA_CHECK(launch::cross_entropy_bwd(logits.data<float>(), targets.data<int32_t>(), lse.data<float>(), scale,
-                                           dlogits.data<float>(), n, logits.dim(1), vocab_start, valid_cols,
-                                           stream_of(logits)));
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("cross_entropy_bwd", "logits", logits);
+  MOE_CUDA_CHECK_SAME_DTYPE("cross_entropy_bwd", "dlogits", dlogits, "logits", logits);
+  MOE_CUDA_CHECK(launch::cross_entropy_bwd(logits.raw_data(), logits.dtype(), targets.data<int32_t>(),
+                                           lse.data<float>(), scale, dlogits.raw_data(), n, logits.dim(1),
+                                           vocab_start, valid_cols, stream_of(logits)));
 }
 
 namespace {

@@ -116,7 +116,9 @@ void moe_permute_fwd(const Tensor& x, const Tensor& positions, const Tensor& out
   const int64_t n = x.dim(0), c = x.dim(1);
   if (n == 0 || c == 0) return;
   check_blocks("moe_permute_fwd", n, "token rows");
-  MOE_CUDA_CHECK(launch::moe_permute_fwd(x.data<float>(), positions.data<int32_t>(), out.data<float>(), n,
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("moe_permute_fwd", "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("moe_permute_fwd", "out", out, "x", x);
+  MOE_CUDA_CHECK(launch::moe_permute_fwd(x.raw_data(), positions.data<int32_t>(), out.raw_data(), x.dtype(), n,
                                          positions.dim(1), c, out.dim(0), stream_of(x)));
 }
 
@@ -124,7 +126,9 @@ void moe_permute_bwd(const Tensor& dout, const Tensor& positions, const Tensor& 
   const int64_t n = dx.dim(0), c = dx.dim(1);
   if (n == 0 || c == 0) return;
   check_blocks("moe_permute_bwd", n, "token rows");
-  MOE_CUDA_CHECK(launch::moe_permute_bwd(dout.data<float>(), positions.data<int32_t>(), dx.data<float>(), n,
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("moe_permute_bwd", "dout", dout);
+  MOE_CUDA_CHECK_SAME_DTYPE("moe_permute_bwd", "dx", dx, "dout", dout);
+  MOE_CUDA_CHECK(launch::moe_permute_bwd(dout.raw_data(), positions.data<int32_t>(), dx.raw_data(), dout.dtype(), n,
                                          positions.dim(1), c, dout.dim(0), stream_of(dx)));
 }
 
@@ -132,8 +136,12 @@ void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& w
   const int64_t n = out.dim(0), c = out.dim(1);
   if (n == 0 || c == 0) return;
   check_blocks("moe_unpermute_fwd", n, "token rows");
-  MOE_CUDA_CHECK(launch::moe_unpermute_fwd(y.data<float>(), positions.data<int32_t>(), weights.data<float>(),
-                                           out.data<float>(), n, positions.dim(1), c, y.dim(0), stream_of(out)));
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("moe_unpermute_fwd", "y", y);
+  MOE_CUDA_CHECK_SAME_DTYPE("moe_unpermute_fwd", "out", out, "y", y);
+  MOE_CHECK(weights.dtype() == DType::kF32, "moe_unpermute_fwd: weights must be f32, got {}", weights.str());
+  MOE_CUDA_CHECK(launch::moe_unpermute_fwd(y.raw_data(), positions.data<int32_t>(), weights.data<float>(),
+                                           out.raw_data(), y.dtype(), n, positions.dim(1), c, y.dim(0),
+                                           stream_of(out)));
 }
 
 void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& dout,
@@ -141,8 +149,13 @@ void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& w
   const int64_t n = dout.dim(0), c = dout.dim(1), k = positions.dim(1);
   if (n == 0) return;
   check_blocks("moe_unpermute_bwd", n * k, "token copies");
-  MOE_CUDA_CHECK(launch::moe_unpermute_bwd(y.data<float>(), positions.data<int32_t>(), weights.data<float>(),
-                                           dout.data<float>(), dy.data<float>(), dweights.data<float>(), n, k, c,
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("moe_unpermute_bwd", "y", y);
+  MOE_CUDA_CHECK_SAME_DTYPE("moe_unpermute_bwd", "dout", dout, "y", y);
+  MOE_CUDA_CHECK_SAME_DTYPE("moe_unpermute_bwd", "dy", dy, "y", y);
+  MOE_CHECK(weights.dtype() == DType::kF32 && dweights.dtype() == DType::kF32,
+            "moe_unpermute_bwd: weights and dweights must be f32, got {} and {}", weights.str(), dweights.str());
+  MOE_CUDA_CHECK(launch::moe_unpermute_bwd(y.raw_data(), positions.data<int32_t>(), weights.data<float>(),
+                                           dout.raw_data(), dy.raw_data(), dweights.data<float>(), y.dtype(), n, k, c,
                                            y.dim(0), stream_of(dout)));
 }
 
@@ -151,13 +164,22 @@ void grouped_gemm_fwd(const Tensor& x, const Tensor& w, const Tensor& offsets, c
   if (m == 0 || cout == 0) return;
   MOE_CHECK((m + 63) / 64 + e < (int64_t{1} << 31) && (cout + 63) / 64 < 65536,
             "grouped_gemm_fwd: x {} and w {} exceed the CUDA grid", x.shape().str(), w.shape().str());
-  MOE_CUDA_CHECK(launch::grouped_gemm_fwd(x.data<float>(), w.data<float>(), offsets.data<int64_t>(), out.data<float>(),
-                                          m, e, x.dim(1), cout, stream_of(x)));
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("grouped_gemm_fwd", "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("grouped_gemm_fwd", "w", w, "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("grouped_gemm_fwd", "out", out, "x", x);
+  MOE_CUDA_CHECK(launch::grouped_gemm_fwd(x.raw_data(), w.raw_data(), offsets.data<int64_t>(), out.raw_data(),
+                                          x.dtype(), m, e, x.dim(1), cout, stream_of(x)));
 }
 
 void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, const Tensor& dout, const Tensor& dx,
                       const Tensor& dw) {
   const int64_t m = x.dim(0), cin = x.dim(1), e = w.dim(0), cout = w.dim(1);
+  MOE_CUDA_CHECK_COMPUTE_DTYPE("grouped_gemm_bwd", "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("grouped_gemm_bwd", "w", w, "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("grouped_gemm_bwd", "dout", dout, "x", x);
+  MOE_CUDA_CHECK_SAME_DTYPE("grouped_gemm_bwd", "dx", dx, "x", x);
+  MOE_CHECK(dw.dtype() == DType::kF32 || dw.dtype() == x.dtype(),
+            "grouped_gemm_bwd: the CUDA kernel takes dw as f32 or x's dtype ({}), got {}", x.str(), dw.str());
   if (e == 0 || cin == 0) return;
   if (cout == 0) {  // dx = dout · w is an empty sum; dw has no elements
     if (m > 0) fill(dx, 0.0f);
@@ -165,8 +187,8 @@ void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, c
   }
   MOE_CHECK((m + 63) / 64 + e < (int64_t{1} << 31) && (std::max(cin, cout) + 63) / 64 < 65536 && e < 65536,
             "grouped_gemm_bwd: x {} and w {} exceed the CUDA grid", x.shape().str(), w.shape().str());
-  MOE_CUDA_CHECK(launch::grouped_gemm_bwd(x.data<float>(), w.data<float>(), offsets.data<int64_t>(),
-                                          dout.data<float>(), dx.data<float>(), dw.data<float>(), m, e, cin, cout,
+  MOE_CUDA_CHECK(launch::grouped_gemm_bwd(x.raw_data(), w.raw_data(), offsets.data<int64_t>(), dout.raw_data(),
+                                          dx.raw_data(), dw.raw_data(), x.dtype(), dw.dtype(), m, e, cin, cout,
                                           stream_of(x)));
 }
 

@@ -25,63 +25,120 @@ __global__ void rope_table_kernel(float theta, int64_t t, int64_t half, int64_t 
 }
 
 // x, out (B*T*H, D); one thread per pair.
-__global__ void rope_apply_kernel(const float* x, float* out, const float* cos_t, const float* sin_t, int64_t rows,
+template <class T>
+__global__ void rope_apply_kernel(const T* x, T* out, const float* cos_t, const float* sin_t, int64_t rows,
                                   int64_t t, int64_t h, int64_t half) {
   const int64_t total = rows * half;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t row = i / half, j = i % half;
     const int64_t pos = (row / h) % t;
     const float c = cos_t[pos * half + j], s = sin_t[pos * half + j];
-    const float* xi = x + row * 2 * half;
-    float* oi = out + row * 2 * half;
-    const float x1 = xi[j], x2 = xi[j + half];
-    oi[j] = x1 * c - x2 * s;
-    oi[j + half] = x2 * c + x1 * s;
+    const T* xi = x + row * 2 * half;
+    T* oi = out + row * 2 * half;
+    const float x1 = to_f32(xi[j]), x2 = to_f32(xi[j + half]);
+    oi[j] = from_f32<T>(x1 * c - x2 * s);
+    oi[j + half] = from_f32<T>(x2 * c + x1 * s);
   }
 }
 
 // sigmoid(g) = 1 / (1 + exp(-g)): exactly 0 (not NaN) when exp overflows, as on the CPU.
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
 
-__global__ void swiglu_fwd_kernel(const float* gate, const float* up, float* out, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const float g = gate[i];
-    out[i] = g * sigmoid(g) * up[i];
+// The SwiGLU kernels: n / V vectors of V elements (16-byte accesses when the launcher found the
+// pointers aligned, V = 1 otherwise), then the n % V tail; f32 math, one rounding per store.
+template <int V, class T>
+__global__ void swiglu_fwd_kernel(const T* gate, const T* up, T* out, int64_t n) {
+  const int64_t nv = n / V, stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < nv; i += stride) {
+    float g[V], u[V];
+    load_f32<V>(gate + i * V, g);
+    load_f32<V>(up + i * V, u);
+#pragma unroll
+    for (int t = 0; t < V; ++t) g[t] = g[t] * sigmoid(g[t]) * u[t];
+    store_f32<V>(out + i * V, g);
+  }
+  for (int64_t i = nv * V + blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += stride) {
+    const float g = to_f32(gate[i]);
+    out[i] = from_f32<T>(g * sigmoid(g) * to_f32(up[i]));
   }
 }
 
 // d silu / dg = s (1 + g (1 - s)) with s = sigmoid(g).
-__global__ void swiglu_bwd_kernel(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
-                                  int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const float g = gate[i], u = up[i], d = dout[i];
-    const float s = sigmoid(g);
-    dgate[i] = d * u * s * (1.0f + g * (1.0f - s));
-    dup[i] = d * g * s;
+template <int V, class T>
+__global__ void swiglu_bwd_kernel(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n) {
+  const int64_t nv = n / V, stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < nv; i += stride) {
+    float g[V], u[V], d[V], dg[V], du[V];
+    load_f32<V>(gate + i * V, g);
+    load_f32<V>(up + i * V, u);
+    load_f32<V>(dout + i * V, d);
+#pragma unroll
+    for (int t = 0; t < V; ++t) {
+      const float sg = sigmoid(g[t]);
+      dg[t] = d[t] * u[t] * sg * (1.0f + g[t] * (1.0f - sg));
+      du[t] = d[t] * g[t] * sg;
+    }
+    store_f32<V>(dgate + i * V, dg);
+    store_f32<V>(dup + i * V, du);
+  }
+  for (int64_t i = nv * V + blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += stride) {
+    const float g = to_f32(gate[i]), u = to_f32(up[i]), d = to_f32(dout[i]);
+    const float sg = sigmoid(g);
+    dgate[i] = from_f32<T>(d * u * sg * (1.0f + g * (1.0f - sg)));
+    dup[i] = from_f32<T>(d * g * sg);
   }
 }
 
+// 16-byte vectors: 4 floats or 8 bf16.
+template <class T>
+constexpr int kV = kVec16<T>;
+
 }  // namespace
 
-cudaError_t rope(const float* x, float* out, int64_t b, int64_t t, int64_t h, int64_t d, float theta, float sign,
-                 float* table, cudaStream_t s) {
+cudaError_t rope(const void* x, void* out, DType dtype, int64_t b, int64_t t, int64_t h, int64_t d, float theta,
+                 float sign, float* table, cudaStream_t s) {
   const int64_t half = d / 2, rows = b * t * h;
   float* cos_t = table;
   float* sin_t = table + t * half;
   rope_table_kernel<<<grid_for(t * half, kThreads), kThreads, 0, s>>>(theta, t, half, d, sign, cos_t, sin_t);
-  rope_apply_kernel<<<grid_for(rows * half, kThreads), kThreads, 0, s>>>(x, out, cos_t, sin_t, rows, t, h, half);
-  return cudaGetLastError();
+  return with_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    rope_apply_kernel<<<grid_for(rows * half, kThreads), kThreads, 0, s>>>(
+        static_cast<const T*>(x), static_cast<T*>(out), cos_t, sin_t, rows, t, h, half);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t swiglu_fwd(const float* gate, const float* up, float* out, int64_t n, cudaStream_t s) {
-  swiglu_fwd_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(gate, up, out, n);
-  return cudaGetLastError();
+cudaError_t swiglu_fwd(const void* gate, const void* up, void* out, DType dtype, int64_t n, cudaStream_t s) {
+  return with_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* g = static_cast<const T*>(gate);
+    const auto* u = static_cast<const T*>(up);
+    auto* o = static_cast<T*>(out);
+    if (aligned16({g, u, o}))
+      swiglu_fwd_kernel<kV<T>><<<grid_for(std::max<int64_t>(1, n / kV<T>), kThreads), kThreads, 0, s>>>(g, u, o, n);
+    else
+      swiglu_fwd_kernel<1><<<grid_for(n, kThreads), kThreads, 0, s>>>(g, u, o, n);
+    return cudaGetLastError();
+  });
 }
 
-cudaError_t swiglu_bwd(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n,
-                       cudaStream_t s) {
-  swiglu_bwd_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(gate, up, dout, dgate, dup, n);
-  return cudaGetLastError();
+cudaError_t swiglu_bwd(const void* gate, const void* up, const void* dout, void* dgate, void* dup, DType dtype,
+                       int64_t n, cudaStream_t s) {
+  return with_storage(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const auto* g = static_cast<const T*>(gate);
+    const auto* u = static_cast<const T*>(up);
+    const auto* d = static_cast<const T*>(dout);
+    auto* dg = static_cast<T*>(dgate);
+    auto* du = static_cast<T*>(dup);
+    if (aligned16({g, u, d, dg, du}))
+      swiglu_bwd_kernel<kV<T>><<<grid_for(std::max<int64_t>(1, n / kV<T>), kThreads), kThreads, 0, s>>>(g, u, d, dg,
+                                                                                                    du, n);
+    else
+      swiglu_bwd_kernel<1><<<grid_for(n, kThreads), kThreads, 0, s>>>(g, u, d, dg, du, n);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace moeforge::cuda::launch

@@ -1,6 +1,6 @@
 // Benchmark (a program, not a test) of the CUDA backend on one device: device-to-device copy
 // bandwidth (the yardstick), cuBLASLt GEMM TFLOP/s in bf16 (all four transpose combinations) and
-// fp32, the memory-bound ops' effective GB/s (bytes each op must read and write, over its time)
+// fp32 (and bf16 on the fp32 shape), the memory-bound ops' effective GB/s in fp32 and in bf16 (bytes each op must read and write, over its time)
 // as a fraction of the copy (routing: the fused gating with the losses' statistics, the fused
 // router backward, the counting-sort plan, permute and unpermute both ways), and the fused bf16
 // attention's TFLOP/s for T = 1k..16k. Times are
@@ -104,6 +104,13 @@ int main(int argc, char** argv) {
     const Tensor af = filled({m, m}, 0.01f), bf = filled({m, m}, 0.02f), cf = filled({m, m}, 0.0f);
     const double ms = time_ms([&] { ops::gemm(af, false, bf, false, cf); }, iters);
     rows.push_back({"gemm fp32 NN", "4096^3", ms, 2.0 * m * m * m / ms / 1e9, "TFLOP/s", -1});
+    // bf16 on the fp32 row's shape, into bf16 and into f32 (the router's logits).
+    const Tensor ab = filled({m, m}, 0.01f, DType::kBF16), bb = filled({m, m}, 0.02f, DType::kBF16);
+    const Tensor cb = filled({m, m}, 0.0f, DType::kBF16);
+    const double ms16 = time_ms([&] { ops::gemm(ab, false, bb, false, cb); }, iters);
+    rows.push_back({"gemm bf16 NN -> bf16", "4096^3", ms16, 2.0 * m * m * m / ms16 / 1e9, "TFLOP/s", -1});
+    const double ms32 = time_ms([&] { ops::gemm(ab, false, bb, false, cf); }, iters);
+    rows.push_back({"gemm bf16 NN -> f32", "4096^3", ms32, 2.0 * m * m * m / ms32 / 1e9, "TFLOP/s", -1});
   }
 
   // ---- memory-bound ops ----
@@ -179,6 +186,57 @@ int main(int argc, char** argv) {
                 [&] { ops::moe_unpermute_bwd(xc, pos, wts, xt, dxc, dwts); });
     }
   }
+  // ---- the same memory-bound ops in bf16 (mixed precision's activations; bytes at 2 per element) ----
+  {
+    const DType h = DType::kBF16;
+    const Tensor x = filled({n, c}, 0.5f, h), w = filled({c}, 1.0f, h), out = filled({n, c}, 0.0f, h);
+    const Tensor rstd = filled({n}, 0.0f), dx = filled({n, c}, 0.0f, h), dw = filled({c}, 0.0f);
+    const Tensor x32 = filled({n, c}, 0.0f);
+    const std::string size = "16k x 4096 bf16";
+    bandwidth("cast f32 -> bf16", size, 6.0 * n * c, [&] { ops::cast(x32, out); });
+    bandwidth("add bf16", size, 3.0 * x.nbytes(), [&] { ops::add(x, out, dx); });
+    bandwidth("add_ f32 += bf16", size, 2.0 * x32.nbytes() + x.nbytes(), [&] { ops::add_(x32, x, 1.0f); });
+    bandwidth("rmsnorm_fwd bf16", size, 2.0 * x.nbytes(), [&] { ops::rmsnorm_fwd(x, w, 1e-5f, out, rstd); });
+    bandwidth("rmsnorm_bwd bf16 (dw f32)", size, 4.0 * x.nbytes(), [&] { ops::rmsnorm_bwd(x, w, rstd, out, dx, dw); });
+    bandwidth("swiglu_fwd bf16", size, 3.0 * x.nbytes(), [&] { ops::swiglu_fwd(x, out, dx); });
+    const Tensor q = x.reshape({n / 512, 512, 32, 128});
+    bandwidth("rope_fwd bf16 (in place)", size, 2.0 * x.nbytes(), [&] { ops::rope_fwd(q, 10000.0f, q); });
+    const Tensor ids = filled({n}, 7.0f, DType::kI32), table = filled({32768, c}, 0.1f, h);
+    bandwidth("embedding_fwd bf16", size, 2.0 * out.nbytes(), [&] { ops::embedding_fwd(ids, table, out); });
+    const Tensor pos = Tensor::empty({n, 2}, DType::kI32, kGpu), off = Tensor::empty({9}, DType::kI64, kGpu);
+    std::vector<int32_t> route_ids(static_cast<size_t>(n * 2));
+    for (size_t i = 0; i < route_ids.size(); ++i) route_ids[i] = static_cast<int32_t>((i * 2654435761u >> 7) % 8);
+    ops::moe_plan(Tensor::from_ints({n, 2}, route_ids).to_device(kGpu), 8, pos, off);
+    const Tensor xc = filled({n * 2, c}, 0.0f, h);
+    bandwidth("moe_permute_fwd bf16 k=2", size, x.nbytes() + xc.nbytes() + pos.nbytes(),
+              [&] { ops::moe_permute_fwd(x, pos, xc); });
+    const Tensor wts = filled({n, 2}, 0.5f);
+    bandwidth("moe_unpermute_fwd bf16 k=2", size, xc.nbytes() + out.nbytes() + pos.nbytes() + wts.nbytes(),
+              [&] { ops::moe_unpermute_fwd(xc, pos, wts, out); });
+    // The grouped expert GEMM (8 experts of 2k rows each; the fp32-style tiled kernel, templated).
+    const int64_t cin = 2048, cout = 2048;
+    std::vector<int64_t> offs(9);
+    for (int i = 0; i <= 8; ++i) offs[i] = i * (n / 8);
+    Tensor offsets = Tensor::empty({9}, DType::kI64);
+    std::memcpy(offsets.raw_data(), offs.data(), sizeof(int64_t) * offs.size());
+    const Tensor goff = offsets.to_device(kGpu);
+    for (const DType dt : {DType::kF32, DType::kBF16}) {
+      const Tensor gx = filled({n, cin}, 0.1f, dt), gw = filled({8, cout, cin}, 0.01f, dt);
+      const Tensor gy = filled({n, cout}, 0.0f, dt);
+      const double ms = time_ms([&] { ops::grouped_gemm_fwd(gx, gw, goff, gy); }, iters);
+      rows.push_back({std::string("grouped_gemm_fwd ") + dtype_name(dt), "16k x 2048 x 2048, E=8", ms,
+                      2.0 * n * cin * cout / ms / 1e9, "TFLOP/s", -1});
+    }
+  }
+  {
+    const int64_t rows_ce = quick ? 1024 : 4096, v = 32768;
+    const Tensor logits16 = filled({rows_ce, v}, 0.1f, DType::kBF16), targets16 = filled({rows_ce}, 3.0f, DType::kI32);
+    const Tensor losses16 = filled({rows_ce}, 0.0f), lse16 = filled({rows_ce}, 0.0f);
+    bandwidth("cross_entropy_fwd bf16", "4k x 32k", logits16.nbytes(),
+              [&] { ops::cross_entropy_fwd(logits16, targets16, losses16, lse16); });
+    bandwidth("cross_entropy_bwd bf16 (in place)", "4k x 32k", 2.0 * logits16.nbytes(),
+              [&] { ops::cross_entropy_bwd(logits16, targets16, lse16, 1.0f, logits16); });
+  }
   {
     const int64_t rows_ce = quick ? 1024 : 4096, v = 32768;
     const Tensor logits = filled({rows_ce, v}, 0.1f), targets = filled({rows_ce}, 3.0f, DType::kI32);
@@ -247,11 +305,11 @@ int main(int argc, char** argv) {
 
   std::printf("\nCUDA backend benchmark on %s (%d SMs)%s\n", prop.name, prop.multiProcessorCount,
               quick ? " [quick]" : "");
-  std::printf("%-30s %-24s %10s %12s %-8s %8s\n", "op", "size", "ms", "rate", "unit", "of copy");
+  std::printf("%-34s %-24s %10s %12s %-8s %8s\n", "op", "size", "ms", "rate", "unit", "of copy");
   for (const Row& r : rows) {
     char frac[16] = "";
     if (r.of_copy >= 0) std::snprintf(frac, sizeof(frac), "%.0f%%", 100.0 * r.of_copy);
-    std::printf("%-30s %-24s %10.3f %12.1f %-8s %8s\n", r.name.c_str(), r.size.c_str(), r.ms, r.rate, r.unit, frac);
+    std::printf("%-34s %-24s %10.3f %12.1f %-8s %8s\n", r.name.c_str(), r.size.c_str(), r.ms, r.rate, r.unit, frac);
   }
   return 0;
 }

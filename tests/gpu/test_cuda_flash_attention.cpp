@@ -148,11 +148,20 @@ TEST(GpuFlashAttention, UnsupportedHeadDimIsAnError) {
             "flash attention: head dim 80 is not supported (64 or 128)");
 }
 
-// bf16 attention is a CUDA feature: the CPU op still takes f32 only.
-TEST(GpuFlashAttention, Bf16OnTheCpuIsAnError) {
-  const Tensor q = Tensor::zeros({1, 4, 2, 64}, DType::kBF16), lse = Tensor::zeros({1, 2, 4}, DType::kF32);
-  EXPECT_EQ(testing::error_of([&] { ops::attention_fwd(q, q, q, 1.0f, q, lse); }),
-            "attention_fwd: q must be f32, got bf16 with shape (1, 4, 2, 64)");
+// bf16 attention runs on the CPU too (the dtype contract): f32 math on the widened inputs, one
+// rounding per stored element. It must agree with the f32 op on the same (widened) values; the
+// gpu tests above compare the CUDA kernels with it. Runs without a GPU.
+TEST(GpuFlashAttention, Bf16OnTheCpuMatchesF32OnTheWidenedInputs) {
+  const Shape qs{1, 9, 2, 64}, lses{1, 2, 9};
+  const Tensor q = testing::random_tensor(qs, 1).to(DType::kBF16), k = testing::random_tensor(qs, 2).to(DType::kBF16);
+  const Tensor v = testing::random_tensor(qs, 3).to(DType::kBF16);
+  Tensor out = Tensor::empty(qs, DType::kBF16), lse = Tensor::empty(lses, DType::kF32);
+  ops::attention_fwd(q, k, v, 0.125f, out, lse);
+  Tensor out32 = Tensor::empty(qs, DType::kF32), lse32 = Tensor::empty(lses, DType::kF32);
+  ops::attention_fwd(q.to(DType::kF32), k.to(DType::kF32), v.to(DType::kF32), 0.125f, out32, lse32);
+  EXPECT_EQ(out.dtype(), DType::kBF16);
+  EXPECT_LE(rel_err(out, out32), kBF16Tol);
+  EXPECT_LE(rel_err(lse, lse32), kF32Tol);
 }
 
 }  // namespace

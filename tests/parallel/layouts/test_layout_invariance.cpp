@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <string>
 
@@ -45,6 +46,12 @@ struct Layout {
   int pp = 1, vstages = 1, dense = 0;
   std::string schedule = "1f1b", split;
   bool tie = false;
+  // --bf16: both runs in bf16 mixed precision. A layout changes where bf16 roundings happen (a
+  // TP row-parallel output is rounded per partial sum before the f32 reduction, a pipeline sends
+  // bf16 rows), so the runs agree to bf16's resolution rather than f32's, and a token whose two
+  // best router scores are within that resolution may pick another expert: loads are compared
+  // in total only.
+  bool bf16 = false;
 };
 Layout g_layout;
 MpiRuntime* g_mpi = nullptr;
@@ -71,9 +78,10 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
       /*collective_timeout_s=*/120.0);
   // Data: a small corpus prepared by rank 0 into a directory every rank reads.
   const fs::path dir = fs::temp_directory_path() /
-                       fmt::format("moeforge_layout_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}", g_layout.tp, g_layout.dp,
+                       fmt::format("moeforge_layout_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}", g_layout.tp, g_layout.dp,
                                    g_layout.ep, g_layout.zero, g_layout.capacity, g_layout.route, g_layout.pp,
-                                   g_layout.schedule, g_layout.vstages, g_layout.split, g_layout.dense, g_layout.tie);
+                                   g_layout.schedule, g_layout.vstages, g_layout.split, g_layout.dense, g_layout.tie,
+                                   g_layout.bf16);
   if (!testing::prepare_shared_corpus(grid, dir)) GTEST_SKIP() << "no corpus at ../shared/data/tinyshakespeare.txt";
 
   // tiny, shortened: 8 sequences of 64 tokens per step in micro-batches of 2, so every layout
@@ -88,6 +96,13 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
   if (g_layout.capacity > 0) overrides.push_back("model.capacity_factor=" + std::to_string(g_layout.capacity));
   if (g_layout.dense > 0) overrides.push_back("model.n_dense_layers=" + std::to_string(g_layout.dense));
   if (g_layout.tie) overrides.push_back("model.tie_embeddings=true");
+  if (g_layout.bf16) {
+    // A tenth of tiny's learning rate: Adam turns a rounding-sized gradient difference into a
+    // full-sized update difference for elements whose gradient is near zero, so the parameters'
+    // distance grows with lr; the loss trajectory is the same story either way.
+    overrides.insert(overrides.end(), {"train.precision=BF16", "optim.lr=3e-4", "optim.min_lr=3e-5"});
+  }
+  const double tol = g_layout.bf16 ? 2e-2 : 1e-5;
   overrides.push_back("parallel.pp=" + std::to_string(g_layout.pp));
   overrides.push_back("parallel.virtual_stages=" + std::to_string(g_layout.vstages));
   overrides.push_back(std::string("parallel.pp_schedule=") +
@@ -127,10 +142,13 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
   for (int s = 1; s <= 5; ++s) {
     const StepMetrics a = parallel.step();
     const StepMetrics b = reference.step();
-    EXPECT_LE(rel(a.loss.loss, b.loss.loss), 1e-5) << "step " << s << " loss " << a.loss.loss << " vs " << b.loss.loss;
-    EXPECT_LE(rel(a.loss.aux, b.loss.aux), 1e-5) << "step " << s << " aux";
-    EXPECT_LE(rel(a.grad_norm, b.grad_norm), 1e-5) << "step " << s << " grad norm " << a.grad_norm << " vs "
-                                                   << b.grad_norm;
+    EXPECT_LE(rel(a.loss.loss, b.loss.loss), tol) << "step " << s << " loss " << a.loss.loss << " vs " << b.loss.loss;
+    EXPECT_LE(rel(a.loss.aux, b.loss.aux), tol) << "step " << s << " aux";
+    EXPECT_LE(rel(a.grad_norm, b.grad_norm), tol) << "step " << s << " grad norm " << a.grad_norm << " vs "
+                                                  << b.grad_norm;
+    if (g_layout.bf16 && grid.world_rank() == 0)
+      std::printf("bf16 step %d: loss %.6f vs %.6f (rel %.2e), grad norm %.6f vs %.6f\n", s, a.loss.loss, b.loss.loss,
+                  rel(a.loss.loss, b.loss.loss), a.grad_norm, b.grad_norm);
     if (g_layout.pp > 1) {  // the schedule's memory bound, measured on the ranks
       const int m = 8 / 2 / g_layout.dp, p = g_layout.pp, v = g_layout.vstages;
       const int64_t bound = g_layout.schedule == "gpipe"         ? m
@@ -142,7 +160,9 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
       EXPECT_LT(a.bubble, 1.0);
     }
     ASSERT_EQ(a.moe.size(), b.moe.size());
-    for (size_t i = 0; i < a.moe.size(); ++i) {
+    for (size_t i = 0; i < a.moe.size() && g_layout.bf16; ++i)
+      EXPECT_EQ(a.moe[i].dropped_fraction, 0.0) << "dropless, step " << s << " layer " << i;
+    for (size_t i = 0; i < a.moe.size() && !g_layout.bf16; ++i) {
       EXPECT_EQ(a.moe[i].min_tokens, b.moe[i].min_tokens) << "step " << s << " layer " << i;
       EXPECT_EQ(a.moe[i].max_tokens, b.moe[i].max_tokens) << "step " << s << " layer " << i;
       EXPECT_DOUBLE_EQ(a.moe[i].cv, b.moe[i].cv) << "step " << s << " layer " << i;
@@ -176,7 +196,14 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
       num += (got[i] - ref[g]) * (got[i] - ref[g]);
       den += static_cast<double>(ref[g]) * ref[g];
     }
-    EXPECT_LE(std::sqrt(num / std::max(den, 1e-30)), 1e-5) << p.spec.name << " after 5 steps";
+    EXPECT_LE(std::sqrt(num / std::max(den, 1e-30)), tol) << p.spec.name << " after 5 steps";
+    if (g_layout.bf16) {  // the masters stay f32; the compute copy is their rounding
+      ASSERT_EQ(p.compute.dtype(), p.spec.trainable ? DType::kBF16 : DType::kF32) << p.spec.name;
+      if (p.spec.trainable) {
+        const Tensor rounded = p.value.to(DType::kBF16);
+        EXPECT_EQ(std::memcmp(rounded.raw_data(), p.compute.raw_data(), rounded.nbytes()), 0) << p.spec.name;
+      }
+    }
   }
   grid.world().barrier();
   if (grid.world_rank() == 0) fs::remove_all(dir);
@@ -189,8 +216,8 @@ int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
-    if (flag == "--tie") {  // the one flag without a value
-      moeforge::g_layout.tie = true;
+    if (flag == "--tie" || flag == "--bf16") {  // the flags without a value
+      (flag == "--tie" ? moeforge::g_layout.tie : moeforge::g_layout.bf16) = true;
       continue;
     }
     if (i + 1 == argc) break;
