@@ -104,7 +104,7 @@ rate=$(sed -n 's/^moeforge: trained [0-9]* steps, mean \([0-9.]*[kM]\{0,1\}\) to
 train_line=$(awk -v a="$active" -v r="$rate" 'BEGIN {
   if (a == "" || r == "") { print "training: no throughput line (see the log above)"; exit }
   m = 1; if (r ~ /k$/) m = 1e3; if (r ~ /M$/) m = 1e6; sub(/[kM]$/, "", r); t = r * m
-  printf "training h200-bench (fp32 mode): %.0f tokens/s, %.3g active params, MFU %.2f%% of 989 TFLOP/s bf16\n",
+  printf "training h200-bench (bf16 mixed precision): %.0f tokens/s, %.3g active params, MFU %.2f%% of 989 TFLOP/s bf16\n",
          t, a, 100 * 6 * a * t / 989e12 }')
 echo "$train_line"
 rm -f "$train_log"
