@@ -67,7 +67,7 @@ TEST(SelfComm, BadArgumentsFailLikeMpiComm) {
             }),
             "all_gather on group tp: out has shape (2, 4) but in has shape (2, 3); expected out of shape (2, 3)");
   EXPECT_EQ(error_of([&] { c.all_reduce(Tensor::zeros({3}, DType::kF16)); }),
-            "all_reduce on group tp: t must be f32, i32 or i64, got f16(3) cpu");
+            "all_reduce on group tp: t must be f32, bf16, i32 or i64, got f16(3) cpu");
   EXPECT_EQ(error_of([&] { c.all_reduce(Tensor()); }), "all_reduce on group tp: t is undefined");
   const std::vector<int64_t> three{3}, four{4};
   EXPECT_EQ(error_of([&] {

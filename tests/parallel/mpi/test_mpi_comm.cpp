@@ -4,10 +4,12 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <cstring>
 #include <numeric>
 #include <thread>
 
 #include "parallel/mpi_comm.h"
+#include "runtime/ops.h"
 #include "tests/parallel/mpi/mpi_testing.h"
 #include "tests/testing.h"
 
@@ -295,6 +297,59 @@ TEST_F(MpiCommTest, SubgroupsSplitByParity) {
   EXPECT_EQ(t.data<int32_t>()[0], std::accumulate(members.begin(), members.end(), 0));
 }
 
+// bf16 activations (mixed precision): reductions are the f32 reduction of the widened inputs,
+// rounded once (so the result does not depend on the member count's rounding steps); the data
+// movers are bitwise.
+TEST_F(MpiCommTest, Bf16ReducesInF32AndMovesBitwise) {
+  const auto bf16_input = [&](const Shape& shape, int r, int salt) { return input_of(shape, r, salt).to(DType::kBF16); };
+  for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax}) {
+    const Shape shape{5, 13};
+    Tensor want = Tensor::zeros(shape, DType::kF32);
+    if (op == ReduceOp::kMax) ops::fill(want, -1e30f);
+    for (int r = 0; r < size(); ++r) {
+      const Tensor x = bf16_input(shape, r, 300).to(DType::kF32);
+      for (int64_t i = 0; i < shape.numel(); ++i) {
+        float& w = want.data<float>()[i];
+        w = op == ReduceOp::kSum ? w + x.data<float>()[i] : std::max(w, x.data<float>()[i]);
+      }
+    }
+    Tensor t = bf16_input(shape, rank(), 300);
+    comm().all_reduce(t, op);
+    ASSERT_EQ(t.dtype(), DType::kBF16);
+    const Tensor rounded = want.to(DType::kBF16);
+    EXPECT_EQ(std::memcmp(t.raw_data(), rounded.raw_data(), rounded.nbytes()), 0) << "all_reduce bf16";
+  }
+  {
+    const Shape in_shape{size() * 3, 7}, out_shape{3, 7};
+    Tensor want = Tensor::zeros(out_shape, DType::kF32);
+    for (int r = 0; r < size(); ++r) {
+      const Tensor x = bf16_input(in_shape, r, 301).to(DType::kF32);
+      for (int64_t i = 0; i < out_shape.numel(); ++i) want.data<float>()[i] += x.data<float>()[rank() * 21 + i];
+    }
+    Tensor out = Tensor::empty(out_shape, DType::kBF16);
+    comm().reduce_scatter(bf16_input(in_shape, rank(), 301), out);
+    const Tensor rounded = want.to(DType::kBF16);
+    EXPECT_EQ(std::memcmp(out.raw_data(), rounded.raw_data(), rounded.nbytes()), 0) << "reduce_scatter bf16";
+  }
+  {
+    const Tensor mine = bf16_input({2, 9}, rank(), 302);
+    Tensor all = Tensor::empty({2 * size(), 9}, DType::kBF16);
+    comm().all_gather(mine, all);
+    for (int r = 0; r < size(); ++r) {
+      const Tensor theirs = bf16_input({2, 9}, r, 302);
+      EXPECT_EQ(std::memcmp(all.rows(2 * r, 2 * r + 2).raw_data(), theirs.raw_data(), theirs.nbytes()), 0) << r;
+    }
+    std::vector<int64_t> counts(size(), 1);
+    const Tensor send = bf16_input({size(), 5}, rank(), 303);
+    Tensor recv = Tensor::empty({size(), 5}, DType::kBF16);
+    comm().all_to_all_v(send, counts, recv, counts);
+    for (int r = 0; r < size(); ++r) {
+      const Tensor theirs = bf16_input({size(), 5}, r, 303);
+      EXPECT_EQ(std::memcmp(recv.rows(r, r + 1).raw_data(), theirs.rows(rank(), rank() + 1).raw_data(), 10), 0) << r;
+    }
+  }
+}
+
 TEST_F(MpiCommTest, BadArgumentsFailAlikeOnEveryRank) {
   const std::string group = "test";
   EXPECT_EQ(error_of([&] {
@@ -307,8 +362,8 @@ TEST_F(MpiCommTest, BadArgumentsFailAlikeOnEveryRank) {
               comm().all_gather(Tensor::zeros({2, 4}, DType::kF32), Tensor::zeros({2, 4}, DType::kI32));
             }),
             "all_gather on group test: out must be f32, got i32 with shape (2, 4)");
-  EXPECT_EQ(error_of([&] { comm().all_reduce(Tensor::zeros({3}, DType::kBF16)); }),
-            "all_reduce on group test: t must be f32, i32 or i64, got bf16(3) cpu");
+  EXPECT_EQ(error_of([&] { comm().all_reduce(Tensor::zeros({3}, DType::kF16)); }),
+            "all_reduce on group test: t must be f32, bf16, i32 or i64, got f16(3) cpu");
   const std::vector<int64_t> short_counts(size() - 1, 0), counts(size(), 1);
   EXPECT_EQ(error_of([&] {
               comm().all_to_all_v(Tensor::zeros({size(), 2}, DType::kF32), short_counts,
