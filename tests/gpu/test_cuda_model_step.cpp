@@ -94,6 +94,15 @@ struct Training {
         optimizer(model.registry(), ProcessGrid::single(dev), AdamWOptions{}, /*zero_stage=*/0) {}
 };
 
+// The same model and optimizer on the CPU and on the GPU, from the same initialisation.
+struct TrainingPair {
+  Training cpu, dev;
+  explicit TrainingPair(const ModelConfig& cfg) : cpu(cfg, Device::cpu()), dev(cfg, gpu()) {
+    cpu.model.registry().init(7);
+    dev.model.registry().init(7);
+  }
+};
+
 struct StepResult {
   LossReport loss;  // summed over the micro-batches
   double grad_norm = 0.0;
@@ -138,15 +147,16 @@ class GpuModelStepBf16 : public ::testing::TestWithParam<Variant> {};
 
 TEST_P(GpuModelStepBf16, ThreeStepsMatchTheCpu) {
   MOE_REQUIRE_GPU();
-  const ModelConfig& cfg = GetParam().cfg;
-  Training cpu(cfg, Device::cpu());
-  Training dev(cfg, gpu());
-  cpu.model.registry().init(7);
-  dev.model.registry().init(7);
+  TrainingPair pair(GetParam().cfg);
+  Training& cpu = pair.cpu;
+  Training& dev = pair.dev;
   const auto& pc = cpu.model.registry().params();
   const auto& pg = dev.model.registry().params();
-  for (size_t i = 0; i < pc.size(); ++i)
-    if (pc[i].spec.trainable) ASSERT_EQ(pg[i].compute.dtype(), DType::kBF16) << pg[i].spec.name;
+  for (size_t i = 0; i < pc.size(); ++i) {
+    if (pc[i].spec.trainable) {
+      ASSERT_EQ(pg[i].compute.dtype(), DType::kBF16) << pg[i].spec.name;
+    }
+  }
   for (int step = 1; step <= kSteps; ++step) {
     const StepResult c = train_step(cpu, step);
     const StepResult g = train_step(dev, step);
@@ -157,7 +167,9 @@ TEST_P(GpuModelStepBf16, ThreeStepsMatchTheCpu) {
   }
   for (size_t i = 0; i < pc.size(); ++i) {
     EXPECT_GPU_CLOSE(pg[i].value, pc[i].value, kBF16Tol) << " parameter " << pg[i].spec.name;
-    if (pc[i].spec.trainable) EXPECT_GPU_CLOSE(pg[i].compute, pc[i].compute, kBF16Tol) << " copy " << pg[i].spec.name;
+    if (pc[i].spec.trainable) {
+      EXPECT_GPU_CLOSE(pg[i].compute, pc[i].compute, kBF16Tol) << " copy " << pg[i].spec.name;
+    }
   }
 }
 
@@ -166,11 +178,9 @@ INSTANTIATE_TEST_SUITE_P(Models, GpuModelStepBf16, ::testing::ValuesIn(bf16_vari
 
 TEST_P(GpuModelStep, ThreeStepsMatchTheCpu) {
   MOE_REQUIRE_GPU();
-  const ModelConfig& cfg = GetParam().cfg;
-  Training cpu(cfg, Device::cpu());
-  Training dev(cfg, gpu());
-  cpu.model.registry().init(7);
-  dev.model.registry().init(7);
+  TrainingPair pair(GetParam().cfg);
+  Training& cpu = pair.cpu;
+  Training& dev = pair.dev;
 
   const auto& pc = cpu.model.registry().params();
   const auto& pg = dev.model.registry().params();
