@@ -18,6 +18,7 @@
 #include "runtime/cuda/device_alloc.h"
 #include "runtime/ops.h"
 #include "runtime/tensor.h"
+#include "tests/testing.h"
 
 namespace moeforge::gpu_testing {
 
@@ -75,6 +76,21 @@ inline void expect_equal_ints(const Tensor& got_gpu, const Tensor& want_cpu, con
   ASSERT_EQ(got.dtype(), want_cpu.dtype()) << what;
   const size_t bytes = want_cpu.nbytes();
   EXPECT_EQ(0, std::memcmp(got.raw_data(), want_cpu.raw_data(), bytes)) << what << " differs from the CPU result";
+}
+
+// A routing plan of n tokens, top-k of e experts (random, seeded), with every 11th copy dropped
+// (expert -1): the CPU plan (positions (n, k), offsets (e + 1)) and its row count m.
+struct DroppingPlan {
+  Tensor positions, offsets;
+  int64_t m = 0;
+};
+inline DroppingPlan dropping_plan(int64_t n, int64_t k, int e, uint64_t seed) {
+  Tensor experts = testing::random_ints({n, k}, seed, 0, e);
+  for (int64_t i = 0; i < n * k; i += 11) experts.data<int32_t>()[i] = -1;
+  DroppingPlan p{Tensor::empty({n, k}, DType::kI32), Tensor::empty({e + 1}, DType::kI64), 0};
+  ops::moe_plan(experts, e, p.positions, p.offsets);
+  p.m = p.offsets.data<int64_t>()[e];
+  return p;
 }
 
 }  // namespace moeforge::gpu_testing

@@ -402,11 +402,9 @@ TEST(GpuBf16, PermuteAndUnpermuteBothWays) {
       const int64_t n = 257;
       const int e = 9;
       SCOPED_TRACE("C=" + std::to_string(c) + " k=" + std::to_string(k));
-      Tensor experts = random_ints({n, k}, 90 + k, 0, e);
-      for (int64_t i = 0; i < n * k; i += 11) experts.data<int32_t>()[i] = -1;
-      Tensor positions = Tensor::empty({n, k}, DType::kI32), offsets = Tensor::empty({e + 1}, DType::kI64);
-      ops::moe_plan(experts, e, positions, offsets);
-      const int64_t m = offsets.data<int64_t>()[e];
+      const DroppingPlan plan = dropping_plan(n, k, e, 90 + k);
+      const Tensor& positions = plan.positions;
+      const int64_t m = plan.m;
       const Tensor gpos = to_gpu(positions);
 
       const Tensor x = rnd({n, c}, 91, kBF16);
