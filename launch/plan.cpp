@@ -138,7 +138,7 @@ double unit_activation_bytes(const ModelConfig& cfg, const PlanLayout& l, const 
     bytes += (Nl + N * C + N * static_cast<double>((2 * d.Hl + 2 * d.Hkvl) * d.D) + N * static_cast<double>(d.Hl)) * a;
     if (is_moe(cfg, i)) {
       const double E = static_cast<double>(d.E), K = static_cast<double>(d.K);
-      bytes += (Nl * C + Nl + 2 * Nl * E + Nl * K) * a;  // xn, rstd, logits, probs, weights
+      bytes += (Nl * C + Nl + Nl * E + Nl + Nl * K) * a;  // xn, rstd, logits, lse, weights
       bytes += 2 * Nl * K * i32 + E * i64;                // experts, positions; counts
       bytes += (R * C + 3 * R * static_cast<double>(d.F) + M * C) * a;  // xl, gate/up/act, y
       bytes += 3 * Nl * static_cast<double>(d.SF) * a;                  // shared experts

@@ -103,9 +103,12 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   ops::gemm(a.xn, false, router_->compute, true, a.logits);
   a.weights = Tensor::empty({N, K}, DType::kF32, dev);
   a.experts = Tensor::empty({N, K}, DType::kI32, dev);
-  a.probs = Tensor::empty({N, E}, DType::kF32, dev);
-  ops::router_fwd(a.logits, cfg_.gating, static_cast<int>(K), bias_ ? bias_->value : Tensor(), a.weights, a.experts,
-                  a.probs);
+  // The gating with the statistics both router losses need (one kernel on CUDA): probs is only
+  // reduced into the per-expert mass, so it does not outlive the forward.
+  const ops::RouterStats stats = ops::RouterStats::allocate(N, E, dev);
+  ops::router_fwd_with_stats(a.logits, cfg_.gating, static_cast<int>(K), bias_ ? bias_->value : Tensor(), a.weights,
+                             a.experts, Tensor::empty({N, E}, DType::kF32, dev), stats);
+  a.lse = stats.lse;
   a.tokens = N * tp_.size();
   const Tensor dispatch = cfg_.capacity_factor > 0.0f ? apply_capacity(a) : a.experts;
   a.positions = Tensor::empty({N, K}, DType::kI32, dev);
@@ -124,9 +127,9 @@ void MoeBlock::forward(const Tensor& h_in, const Tensor& h_out, MoeActs& a) cons
   }
 
   const Tensor loss = Tensor::empty({1}, DType::kF32, dev);
-  ops::moe_aux_loss_fwd(a.probs, a.counts, static_cast<int>(K), a.tokens, loss);
+  ops::moe_aux_loss_fwd_from_stats(stats, a.counts, static_cast<int>(K), a.tokens, loss);
   a.aux = scalar(loss);
-  ops::router_z_loss_fwd(a.logits, a.tokens, loss);
+  ops::router_z_loss_fwd_from_stats(stats, a.tokens, loss);
   a.z = scalar(loss);
 
   // Routed experts: permute, dispatch over EP, grouped SwiGLU, bring back, combine.
@@ -190,15 +193,21 @@ void MoeBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const MoeActs
   ops::add_(dxl, dxl_up);
   ops::moe_permute_bwd(from_experts(ep_, a.plan, dxl), a.positions, dxn);
 
-  // Router: the combine weights' gradient, the aux loss through probs, the z-loss on logits.
-  Tensor dprobs;  // undefined when the aux loss is off: router_bwd then skips that path
+  // Router: the combine weights' gradient, the aux loss through probs and the z-loss on logits, in
+  // one op (one kernel on CUDA). A loss with coefficient 0 is left out.
+  ops::RouterLossGrads losses;
+  losses.num_tokens = a.tokens;
   if (cfg_.aux_loss_coef > 0.0f) {
-    dprobs = Tensor::empty({N, E}, DType::kF32, dev);
-    ops::moe_aux_loss_bwd(a.probs, a.counts, static_cast<int>(K), a.tokens, loss_scale * cfg_.aux_loss_coef, dprobs);
+    losses.counts = a.counts;
+    losses.k = static_cast<int>(K);
+    losses.aux_scale = loss_scale * cfg_.aux_loss_coef;
+  }
+  if (cfg_.z_loss_coef > 0.0f) {
+    losses.lse = a.lse;
+    losses.z_scale = loss_scale * cfg_.z_loss_coef;
   }
   const Tensor dlogits = Tensor::empty({N, E}, DType::kF32, dev);
-  ops::router_bwd(a.logits, cfg_.gating, a.experts, dweights, dprobs, dlogits);
-  if (cfg_.z_loss_coef > 0.0f) ops::router_z_loss_bwd(a.logits, a.tokens, loss_scale * cfg_.z_loss_coef, dlogits);
+  ops::router_bwd_fused(a.logits, cfg_.gating, a.experts, dweights, Tensor(), losses, dlogits);
   // The router's matmuls take dlogits in the activation dtype (a gemm's operands share theirs).
   Tensor dl = dlogits;
   if (act != DType::kF32) {

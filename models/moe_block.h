@@ -54,7 +54,7 @@ struct MoeActs {
   Tensor logits;     // (N, E) router logits
   Tensor weights;    // (N, K) combine weights
   Tensor experts;    // (N, K) i32 selected experts
-  Tensor probs;      // (N, E) distribution used by the aux loss
+  Tensor lse;        // (N) logsumexp of each logits row (the z-loss and its gradient)
   Tensor positions;  // (N, K) i32 row of each copy in the expert-grouped buffer, -1 if dropped
   Tensor counts;     // (E) i64 copies routed to each expert over the whole micro-batch (before drops)
   Tensor counts_host;  // the same counts on the host (loads); the same tensor as counts on the CPU

@@ -297,7 +297,7 @@ int64_t MoeTransformer::activation_bytes() const {
       const AttentionActs& t = l.attn;
       for (const Tensor* x : {&t.rstd, &t.xn, &t.q, &t.k, &t.v, &t.out, &t.lse}) total += bytes_of(*x);
       const MoeActs& m = l.moe;
-      for (const Tensor* x : {&m.xn, &m.rstd, &m.logits, &m.weights, &m.experts, &m.probs, &m.positions, &m.counts,
+      for (const Tensor* x : {&m.xn, &m.rstd, &m.logits, &m.weights, &m.experts, &m.lse, &m.positions, &m.counts,
                               &m.xl, &m.gate, &m.up, &m.act, &m.y, &m.s_gate, &m.s_up, &m.s_act})
         total += bytes_of(*x);
       const DenseActs& d = l.dense;

@@ -59,9 +59,12 @@ class Widened {
 };
 
 // The argument checks of ops::router_fwd (runtime/ops_moe.cpp), for ops that take the same
-// arguments and more (cuda::router_fwd_with_stats); returns the tensors' device.
+// arguments and more (ops::router_fwd_with_stats); returns the tensors' device.
 Device check_router_fwd(std::string_view op, const Tensor& logits, int k, const Tensor& bias, const Tensor& weights,
                         const Tensor& experts, const Tensor& probs);
+// The same for ops::router_bwd's arguments (ops::router_bwd_fused takes them and more).
+Device check_router_bwd(std::string_view op, const Tensor& logits, const Tensor& experts, const Tensor& dweights,
+                        const Tensor& dprobs, const Tensor& dlogits);
 
 }  // namespace moeforge::ops::detail
 

@@ -135,6 +135,39 @@ void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& l
 // (accumulates: it adds to the router_bwd gradient).
 void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits);
 
+// The router with its losses in one pass over the logits (the model's path; on CUDA one gating
+// kernel writes the statistics and one kernel the whole backward, runtime/cuda/fused_router.cu).
+// Results equal the sequence router_fwd, moe_aux_loss_fwd, router_z_loss_fwd / moe_aux_loss_bwd,
+// router_bwd, router_z_loss_bwd they replace: integers and gradients exactly on the CPU, the aux
+// loss to f32 rounding (its per-expert mass is kept in f32).
+struct RouterStats {
+  Tensor prob_mass;  // (E) f32: sum over the N rows of probs[n, e]
+  Tensor selected;   // (E) i64: copies the top-k routed to each expert (before any capacity dropping)
+  Tensor lse;        // (N) f32: logsumexp(logits[n]); lse^2 is the row's z-loss term
+  static RouterStats allocate(int64_t n, int64_t e, Device device);
+};
+// router_fwd, plus stats. CUDA: E <= 4096.
+void router_fwd_with_stats(const Tensor& logits, Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                           const Tensor& experts, const Tensor& probs, const RouterStats& stats);
+// moe_aux_loss_fwd(probs, counts, k, num_tokens, loss) for the probs stats was made with.
+void moe_aux_loss_fwd_from_stats(const RouterStats& stats, const Tensor& counts, int k, int64_t num_tokens,
+                                 const Tensor& loss);
+// router_z_loss_fwd(logits, num_tokens, loss) for the logits stats was made with.
+void router_z_loss_fwd_from_stats(const RouterStats& stats, int64_t num_tokens, const Tensor& loss);
+// The loss gradients router_bwd_fused folds in; an undefined tensor leaves its term out.
+struct RouterLossGrads {
+  Tensor counts;  // (E) i64: adds moe_aux_loss_bwd(probs, counts, k, num_tokens, aux_scale) to dprobs
+  int k = 1;
+  float aux_scale = 0.0f;
+  Tensor lse;  // (N) f32, RouterStats::lse: adds router_z_loss_bwd(logits, num_tokens, z_scale)
+  float z_scale = 0.0f;
+  int64_t num_tokens = 0;  // the losses' token count (>= N)
+};
+// dlogits (N, E) written: router_bwd with dprobs (or undefined) plus the aux loss's dprobs, then
+// the z-loss's gradient added. probs is not needed: the aux loss's dprobs depend on counts only.
+void router_bwd_fused(const Tensor& logits, Gating gating, const Tensor& experts, const Tensor& dweights,
+                      const Tensor& dprobs, const RouterLossGrads& losses, const Tensor& dlogits);
+
 // Token copies grouped by expert. experts (N, K) i32 -> positions (N, K) i32, the row of copy
 // (n, k) in the expert-grouped buffer, and offsets (E+1) i64, the first row of each expert. The
 // order inside an expert is the copies' (n, k) order, so the plan is deterministic. An expert id

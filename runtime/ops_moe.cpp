@@ -97,17 +97,9 @@ Device check_router_fwd(std::string_view op, const Tensor& logits, int k, const 
   check_same_shape(op, {"probs", probs}, {"logits", logits});
   return dev;
 }
-}  // namespace detail
 
-void router_fwd(const Tensor& logits, Gating gating, int k, const Tensor& bias, const Tensor& weights,
-                const Tensor& experts, const Tensor& probs) {
-  const Device dev = detail::check_router_fwd("router_fwd", logits, k, bias, weights, experts, probs);
-  MOE_DISPATCH(router_fwd, dev, logits, gating, k, bias, weights, experts, probs);
-}
-
-void router_bwd(const Tensor& logits, Gating gating, const Tensor& experts, const Tensor& dweights,
-                const Tensor& dprobs, const Tensor& dlogits) {
-  constexpr std::string_view op = "router_bwd";
+Device check_router_bwd(std::string_view op, const Tensor& logits, const Tensor& experts, const Tensor& dweights,
+                        const Tensor& dprobs, const Tensor& dlogits) {
   const Device dev = check_same_device(op, {{"logits", logits}, {"experts", experts}, {"dweights", dweights},
                                             {"dlogits", dlogits}});
   check_logits(op, {"logits", logits});
@@ -126,6 +118,19 @@ void router_bwd(const Tensor& logits, Gating gating, const Tensor& experts, cons
   }
   check_dtype(op, {"dlogits", dlogits}, DType::kF32);
   check_same_shape(op, {"dlogits", dlogits}, {"logits", logits});
+  return dev;
+}
+}  // namespace detail
+
+void router_fwd(const Tensor& logits, Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                const Tensor& experts, const Tensor& probs) {
+  const Device dev = detail::check_router_fwd("router_fwd", logits, k, bias, weights, experts, probs);
+  MOE_DISPATCH(router_fwd, dev, logits, gating, k, bias, weights, experts, probs);
+}
+
+void router_bwd(const Tensor& logits, Gating gating, const Tensor& experts, const Tensor& dweights,
+                const Tensor& dprobs, const Tensor& dlogits) {
+  const Device dev = detail::check_router_bwd("router_bwd", logits, experts, dweights, dprobs, dlogits);
   MOE_DISPATCH(router_bwd, dev, logits, gating, experts, dweights, dprobs, dlogits);
 }
 
@@ -172,6 +177,92 @@ void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, co
   check_dtype(op, {"dlogits", dlogits}, DType::kF32);
   check_same_shape(op, {"dlogits", dlogits}, {"logits", logits});
   MOE_DISPATCH(router_z_loss_bwd, dev, logits, num_tokens, scale, dlogits);
+}
+
+// ---- the router with its losses in one pass ------------------------------------------------------
+
+RouterStats RouterStats::allocate(int64_t n, int64_t e, Device device) {
+  return {Tensor::empty({e}, DType::kF32, device), Tensor::empty({e}, DType::kI64, device),
+          Tensor::empty({n}, DType::kF32, device)};
+}
+
+namespace {
+
+// stats as RouterStats::allocate(n, e, device) makes it, on ref's device.
+void check_stats(std::string_view op, const RouterStats& stats, int64_t n, int64_t e, NamedTensor ref) {
+  MOE_CHECK(stats.prob_mass.defined() && stats.selected.defined() && stats.lse.defined(),
+            "{}: stats has undefined tensors; expected RouterStats::allocate({}, {}, ...)", op, n, e);
+  check_same_device(op, {ref, {"stats.prob_mass", stats.prob_mass}, {"stats.selected", stats.selected},
+                         {"stats.lse", stats.lse}});
+  check_dtype(op, {"stats.prob_mass", stats.prob_mass}, DType::kF32);
+  check_shape(op, {"stats.prob_mass", stats.prob_mass}, Shape{e}, ref);
+  check_dtype(op, {"stats.selected", stats.selected}, DType::kI64);
+  check_shape(op, {"stats.selected", stats.selected}, Shape{e}, ref);
+  check_dtype(op, {"stats.lse", stats.lse}, DType::kF32);
+  check_shape(op, {"stats.lse", stats.lse}, Shape{n}, ref);
+}
+
+void check_stats_tokens(std::string_view op, int64_t num_tokens, int64_t n) {
+  MOE_CHECK(num_tokens >= n, "{}: num_tokens={} must be >= the {} rows the statistics cover", op, num_tokens, n);
+}
+
+// The (N, E) sizes of stats: E from prob_mass, N from lse (0 where undefined; check_stats says so).
+std::pair<int64_t, int64_t> stats_sizes(const RouterStats& stats) {
+  return {stats.lse.defined() ? stats.lse.numel() : 0, stats.prob_mass.defined() ? stats.prob_mass.numel() : 0};
+}
+
+}  // namespace
+
+void router_fwd_with_stats(const Tensor& logits, Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                           const Tensor& experts, const Tensor& probs, const RouterStats& stats) {
+  constexpr std::string_view op = "router_fwd_with_stats";
+  const Device dev = detail::check_router_fwd(op, logits, k, bias, weights, experts, probs);
+  check_stats(op, stats, logits.dim(0), logits.dim(1), {"logits", logits});
+  MOE_DISPATCH(router_fwd_with_stats, dev, logits, gating, k, bias, weights, experts, probs, stats);
+}
+
+void moe_aux_loss_fwd_from_stats(const RouterStats& stats, const Tensor& counts, int k, int64_t num_tokens,
+                                 const Tensor& loss) {
+  constexpr std::string_view op = "moe_aux_loss_fwd_from_stats";
+  const auto [n, e] = stats_sizes(stats);
+  check_stats(op, stats, n, e, {"stats.prob_mass", stats.prob_mass});
+  const Device dev = check_same_device(op, {{"stats.prob_mass", stats.prob_mass}, {"counts", counts}, {"loss", loss}});
+  check_dtype(op, {"counts", counts}, DType::kI64);
+  check_shape(op, {"counts", counts}, Shape{e}, {"stats.prob_mass", stats.prob_mass});
+  check_loss(op, loss, {"stats.prob_mass", stats.prob_mass});
+  check_k(op, k, e);
+  check_stats_tokens(op, num_tokens, n);
+  MOE_DISPATCH(moe_aux_loss_fwd_from_stats, dev, stats, counts, k, num_tokens, loss);
+}
+
+void router_z_loss_fwd_from_stats(const RouterStats& stats, int64_t num_tokens, const Tensor& loss) {
+  constexpr std::string_view op = "router_z_loss_fwd_from_stats";
+  const auto [n, e] = stats_sizes(stats);
+  check_stats(op, stats, n, e, {"stats.lse", stats.lse});
+  const Device dev = check_same_device(op, {{"stats.lse", stats.lse}, {"loss", loss}});
+  check_loss(op, loss, {"stats.lse", stats.lse});
+  check_stats_tokens(op, num_tokens, n);
+  MOE_DISPATCH(router_z_loss_fwd_from_stats, dev, stats, num_tokens, loss);
+}
+
+void router_bwd_fused(const Tensor& logits, Gating gating, const Tensor& experts, const Tensor& dweights,
+                      const Tensor& dprobs, const RouterLossGrads& losses, const Tensor& dlogits) {
+  constexpr std::string_view op = "router_bwd_fused";
+  const Device dev = detail::check_router_bwd(op, logits, experts, dweights, dprobs, dlogits);
+  const int64_t n = logits.dim(0), e = logits.dim(1);
+  if (losses.counts.defined() || losses.lse.defined()) check_stats_tokens(op, losses.num_tokens, n);
+  if (losses.counts.defined()) {
+    check_same_device(op, {{"logits", logits}, {"losses.counts", losses.counts}});
+    check_dtype(op, {"losses.counts", losses.counts}, DType::kI64);
+    check_shape(op, {"losses.counts", losses.counts}, Shape{e}, {"logits", logits});
+    MOE_CHECK(losses.k >= 1 && losses.k <= e, "{}: losses.k={} must be in [1, E={}]", op, losses.k, e);
+  }
+  if (losses.lse.defined()) {
+    check_same_device(op, {{"logits", logits}, {"losses.lse", losses.lse}});
+    check_dtype(op, {"losses.lse", losses.lse}, DType::kF32);
+    check_shape(op, {"losses.lse", losses.lse}, Shape{n}, {"logits", logits});
+  }
+  MOE_DISPATCH(router_bwd_fused, dev, logits, gating, experts, dweights, dprobs, losses, dlogits);
 }
 
 void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets) {

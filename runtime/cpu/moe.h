@@ -29,6 +29,13 @@ void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, int64_t 
                       const Tensor& dprobs);
 void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& loss);
 void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits);
+void router_fwd_with_stats(const Tensor& logits, ops::Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                           const Tensor& experts, const Tensor& probs, const ops::RouterStats& stats);
+void moe_aux_loss_fwd_from_stats(const ops::RouterStats& stats, const Tensor& counts, int k, int64_t num_tokens,
+                                 const Tensor& loss);
+void router_z_loss_fwd_from_stats(const ops::RouterStats& stats, int64_t num_tokens, const Tensor& loss);
+void router_bwd_fused(const Tensor& logits, ops::Gating gating, const Tensor& experts, const Tensor& dweights,
+                      const Tensor& dprobs, const ops::RouterLossGrads& losses, const Tensor& dlogits);
 
 void moe_plan(const Tensor& experts, int num_experts, const Tensor& positions, const Tensor& offsets);
 void moe_apply_capacity(const Tensor& experts, int64_t capacity, const Tensor& base, const Tensor& dispatch);

@@ -157,57 +157,70 @@ void router_bwd(const Tensor& logits, ops::Gating gating, const Tensor& experts,
   }
 }
 
-// With T = num_tokens: loss = E / (T K) * sum_e count_e * (1 / T) * sum_{n in these rows} probs[n, e].
-// The column sums run serially in double, row by row: deterministic and cheap next to the router
-// GEMM that produced probs. Without tokens (T = 0, so no rows either) both losses are 0 rather
-// than 0/0.
-void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, const Tensor& loss) {
-  const int64_t n_rows = probs.dim(0);
-  const int64_t num_experts = probs.dim(1);
-  const float* pp = probs.data<float>();
-  const int64_t* pc = counts.data<int64_t>();
+namespace {
+
+// With T = num_tokens: loss = E / (T K) * sum_e count_e * (1 / T) * sum_{n in these rows} probs[n, e],
+// from the per-expert mass (sum over the rows). Without tokens (T = 0, so no rows either) both
+// losses are 0 rather than 0/0.
+template <class Mass>
+float aux_loss_from_mass(const Mass* mass, const int64_t* counts, int64_t num_experts, int k, int64_t n_rows,
+                         int64_t num_tokens) {
+  if (n_rows == 0) return 0.0f;
   double total = 0.0;
-  if (n_rows > 0) {
-    std::vector<double> col(num_experts, 0.0);
-    for (int64_t n = 0; n < n_rows; ++n)
-      for (int64_t e = 0; e < num_experts; ++e) col[e] += pp[n * num_experts + e];
-    for (int64_t e = 0; e < num_experts; ++e) total += static_cast<double>(pc[e]) * col[e];
-    const double t = static_cast<double>(num_tokens);
-    total *= static_cast<double>(num_experts) / (t * t * k);
-  }
-  loss.data<float>()[0] = static_cast<float>(total);
+  for (int64_t e = 0; e < num_experts; ++e) total += static_cast<double>(counts[e]) * static_cast<double>(mass[e]);
+  const double t = static_cast<double>(num_tokens);
+  return static_cast<float>(total * static_cast<double>(num_experts) / (t * t * k));
 }
 
-void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, float scale,
-                      const Tensor& dprobs) {
-  const int64_t n_rows = probs.dim(0);
-  const int64_t num_experts = probs.dim(1);
-  if (n_rows == 0) return;
-  const int64_t* pc = counts.data<int64_t>();
-  float* pd = dprobs.data<float>();
+// The column sums of probs (N, E), serially in double, row by row: deterministic and cheap next to
+// the router GEMM that produced probs.
+std::vector<double> column_sums(const Tensor& probs) {
+  const int64_t n_rows = probs.dim(0), num_experts = probs.dim(1);
+  const float* pp = probs.data<float>();
+  std::vector<double> col(num_experts, 0.0);
+  for (int64_t n = 0; n < n_rows; ++n)
+    for (int64_t e = 0; e < num_experts; ++e) col[e] += pp[n * num_experts + e];
+  return col;
+}
+
+// (E) scale * d aux loss / d probs[n, e]: the same for every row n.
+std::vector<float> aux_loss_grad_row(const int64_t* counts, int64_t num_experts, int k, int64_t num_tokens,
+                                     float scale) {
   const double t = static_cast<double>(num_tokens);
   const double c = static_cast<double>(scale) * num_experts / (t * t * k);
-  std::vector<float> g(num_experts);  // the gradient does not depend on n
-  for (int64_t e = 0; e < num_experts; ++e) g[e] = static_cast<float>(c * static_cast<double>(pc[e]));
-#pragma omp parallel for schedule(static) if (n_rows * num_experts > kParallelMinWork)
-  for (int64_t n = 0; n < n_rows; ++n)
-    for (int64_t e = 0; e < num_experts; ++e) pd[n * num_experts + e] = g[e];
+  std::vector<float> g(num_experts);
+  for (int64_t e = 0; e < num_experts; ++e) g[e] = static_cast<float>(c * static_cast<double>(counts[e]));
+  return g;
 }
 
-void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& loss) {
-  const int64_t n_rows = logits.dim(0);
-  const int64_t num_experts = logits.dim(1);
+void fill_rows(const std::vector<float>& row, int64_t n_rows, float* out) {
+  const int64_t num_experts = std::ssize(row);
+#pragma omp parallel for schedule(static) if (n_rows * num_experts > kParallelMinWork)
+  for (int64_t n = 0; n < n_rows; ++n)
+    for (int64_t e = 0; e < num_experts; ++e) out[n * num_experts + e] = row[e];
+}
+
+// logsumexp of each row of logits (N, E).
+std::vector<float> row_lses(const Tensor& logits) {
+  const int64_t n_rows = logits.dim(0), num_experts = logits.dim(1);
   const float* pl = logits.data<float>();
   std::vector<float> lse(n_rows);
 #pragma omp parallel for schedule(static) if (n_rows * num_experts > kParallelMinWork)
   for (int64_t n = 0; n < n_rows; ++n) lse[n] = row_lse(pl + n * num_experts, num_experts);
-  double total = 0.0;  // summed serially so the result is independent of the thread count
-  for (int64_t n = 0; n < n_rows; ++n) total += static_cast<double>(lse[n]) * lse[n];
-  loss.data<float>()[0] = n_rows > 0 ? static_cast<float>(total / static_cast<double>(num_tokens)) : 0.0f;
+  return lse;
 }
 
-// d/dlogits[n, e] of sum_n lse_n^2 / T = 2 lse_n softmax(logits[n])_e / T.
-void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits) {
+// sum_n lse_n^2 / T, summed serially so the result is independent of the thread count.
+float z_loss_from_lse(const float* lse, int64_t n_rows, int64_t num_tokens) {
+  double total = 0.0;
+  for (int64_t n = 0; n < n_rows; ++n) total += static_cast<double>(lse[n]) * lse[n];
+  return n_rows > 0 ? static_cast<float>(total / static_cast<double>(num_tokens)) : 0.0f;
+}
+
+// d/dlogits[n, e] of sum_n lse_n^2 / T = 2 lse_n softmax(logits[n])_e / T, scaled and added to
+// dlogits; lse (N) given, or nullptr to compute it here.
+void add_z_loss_grad(const Tensor& logits, const float* lse_given, int64_t num_tokens, float scale,
+                     const Tensor& dlogits) {
   const int64_t n_rows = logits.dim(0);
   const int64_t num_experts = logits.dim(1);
   const float* pl = logits.data<float>();
@@ -215,10 +228,81 @@ void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, co
 #pragma omp parallel for schedule(static) if (n_rows * num_experts > kParallelMinWork)
   for (int64_t n = 0; n < n_rows; ++n) {
     const float* l = pl + n * num_experts;
-    const float lse = row_lse(l, num_experts);
+    const float lse = lse_given ? lse_given[n] : row_lse(l, num_experts);
     const float c = scale * 2.0f * lse / static_cast<float>(num_tokens);
     for (int64_t e = 0; e < num_experts; ++e) pd[n * num_experts + e] += c * std::exp(l[e] - lse);
   }
+}
+
+}  // namespace
+
+void moe_aux_loss_fwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, const Tensor& loss) {
+  const std::vector<double> col = column_sums(probs);
+  loss.data<float>()[0] =
+      aux_loss_from_mass(col.data(), counts.data<int64_t>(), probs.dim(1), k, probs.dim(0), num_tokens);
+}
+
+void moe_aux_loss_bwd(const Tensor& probs, const Tensor& counts, int k, int64_t num_tokens, float scale,
+                      const Tensor& dprobs) {
+  if (probs.dim(0) == 0) return;
+  fill_rows(aux_loss_grad_row(counts.data<int64_t>(), probs.dim(1), k, num_tokens, scale), probs.dim(0),
+            dprobs.data<float>());
+}
+
+void router_z_loss_fwd(const Tensor& logits, int64_t num_tokens, const Tensor& loss) {
+  const std::vector<float> lse = row_lses(logits);
+  loss.data<float>()[0] = z_loss_from_lse(lse.data(), logits.dim(0), num_tokens);
+}
+
+void router_z_loss_bwd(const Tensor& logits, int64_t num_tokens, float scale, const Tensor& dlogits) {
+  add_z_loss_grad(logits, nullptr, num_tokens, scale, dlogits);
+}
+
+// ---- the router with its losses in one pass (the same kernels, their results kept) ----
+
+void router_fwd_with_stats(const Tensor& logits, ops::Gating gating, int k, const Tensor& bias, const Tensor& weights,
+                           const Tensor& experts, const Tensor& probs, const ops::RouterStats& stats) {
+  cpu::router_fwd(logits, gating, k, bias, weights, experts, probs);
+  const int64_t num_experts = logits.dim(1);
+  const std::vector<double> col = column_sums(probs);
+  float* mass = stats.prob_mass.data<float>();
+  for (int64_t e = 0; e < num_experts; ++e) mass[e] = static_cast<float>(col[e]);
+  int64_t* selected = stats.selected.data<int64_t>();
+  std::fill(selected, selected + num_experts, int64_t{0});
+  const int32_t* ex = experts.data<int32_t>();
+  for (int64_t i = 0; i < experts.numel(); ++i) ++selected[ex[i]];
+  const std::vector<float> lse = row_lses(logits);
+  std::copy(lse.begin(), lse.end(), stats.lse.data<float>());
+}
+
+void moe_aux_loss_fwd_from_stats(const ops::RouterStats& stats, const Tensor& counts, int k, int64_t num_tokens,
+                                 const Tensor& loss) {
+  loss.data<float>()[0] = aux_loss_from_mass(stats.prob_mass.data<float>(), counts.data<int64_t>(),
+                                             stats.prob_mass.numel(), k, stats.lse.numel(), num_tokens);
+}
+
+void router_z_loss_fwd_from_stats(const ops::RouterStats& stats, int64_t num_tokens, const Tensor& loss) {
+  loss.data<float>()[0] = z_loss_from_lse(stats.lse.data<float>(), stats.lse.numel(), num_tokens);
+}
+
+void router_bwd_fused(const Tensor& logits, ops::Gating gating, const Tensor& experts, const Tensor& dweights,
+                      const Tensor& dprobs, const ops::RouterLossGrads& losses, const Tensor& dlogits) {
+  const int64_t n_rows = logits.dim(0), num_experts = logits.dim(1);
+  Tensor dp = dprobs;
+  if (losses.counts.defined() && n_rows > 0) {
+    const std::vector<float> g =
+        aux_loss_grad_row(losses.counts.data<int64_t>(), num_experts, losses.k, losses.num_tokens, losses.aux_scale);
+    dp = Tensor::empty({n_rows, num_experts}, DType::kF32);
+    fill_rows(g, n_rows, dp.data<float>());
+    if (dprobs.defined()) {
+      float* pd = dp.data<float>();
+      const float* given = dprobs.data<float>();
+      for (int64_t i = 0; i < n_rows * num_experts; ++i) pd[i] = given[i] + pd[i];
+    }
+  }
+  cpu::router_bwd(logits, gating, experts, dweights, dp, dlogits);
+  if (losses.lse.defined())
+    add_z_loss_grad(logits, losses.lse.data<float>(), losses.num_tokens, losses.z_scale, dlogits);
 }
 
 }  // namespace moeforge::cpu

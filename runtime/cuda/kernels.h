@@ -106,37 +106,17 @@ void moe_unpermute_fwd(const Tensor& y, const Tensor& positions, const Tensor& w
 void moe_unpermute_bwd(const Tensor& y, const Tensor& positions, const Tensor& weights, const Tensor& dout,
                        const Tensor& dy, const Tensor& dweights);
 
-// ---- fused routing with the router losses (fused_router.cu, router.cu; internal) ----
-// Not catalog ops: a CUDA caller that wants the losses without reading probs and logits again
-// routes with router_fwd_with_stats and takes the losses and their gradients from its statistics.
-// Results equal the catalog sequence they replace (to f32 rounding; integers exactly).
-//
-// What the router's losses need, produced by the gating kernel itself (deterministic).
-struct RouterStats {
-  Tensor prob_mass;  // (E) f32: sum over the N rows of probs[n, e]
-  Tensor selected;   // (E) i64: copies the top-k routed to each expert (before any capacity dropping)
-  Tensor lse;        // (N) f32: logsumexp(logits[n]); lse^2 is the row's z-loss term
-  static RouterStats allocate(int64_t n, int64_t e, Device device);
-};
-// router_fwd, plus stats. E <= 4096 (routing::kGatingMaxStatsExperts, runtime/cuda/routing_plan.h).
+// ---- fused routing with the router losses (fused_router.cu, router.cu) ----
+// The catalog's ops::router_fwd_with_stats, moe_aux_loss_fwd_from_stats,
+// router_z_loss_fwd_from_stats and router_bwd_fused (runtime/ops.h) for CUDA tensors; arguments
+// checked by the catalog. router_fwd_with_stats takes E <= 4096 (routing::kGatingMaxStatsExperts).
+using ops::RouterLossGrads;
+using ops::RouterStats;
 void router_fwd_with_stats(const Tensor& logits, ops::Gating gating, int k, const Tensor& bias, const Tensor& weights,
                            const Tensor& experts, const Tensor& probs, const RouterStats& stats);
-// moe_aux_loss_fwd(probs, counts, k, num_tokens, loss) for the probs stats was made with.
 void moe_aux_loss_fwd_from_stats(const RouterStats& stats, const Tensor& counts, int k, int64_t num_tokens,
                                  const Tensor& loss);
-// router_z_loss_fwd(logits, num_tokens, loss) for the logits stats was made with.
 void router_z_loss_fwd_from_stats(const RouterStats& stats, int64_t num_tokens, const Tensor& loss);
-// The losses' gradients router_bwd_fused folds in; an undefined tensor leaves its term out.
-struct RouterLossGrads {
-  Tensor counts;  // (E) i64: adds moe_aux_loss_bwd(probs, counts, k, num_tokens, aux_scale) to dprobs
-  int k = 1;
-  float aux_scale = 0.0f;
-  Tensor lse;  // (N) f32, RouterStats::lse: adds router_z_loss_bwd(logits, num_tokens, z_scale)
-  float z_scale = 0.0f;
-  int64_t num_tokens = 0;  // the losses' token count (>= N)
-};
-// dlogits (N, E) written: router_bwd with dprobs (or undefined) plus the aux loss's dprobs, then
-// the z-loss's gradient added, in one kernel.
 void router_bwd_fused(const Tensor& logits, ops::Gating gating, const Tensor& experts, const Tensor& dweights,
                       const Tensor& dprobs, const RouterLossGrads& losses, const Tensor& dlogits);
 

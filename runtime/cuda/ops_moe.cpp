@@ -1,8 +1,7 @@
 // Tensor-level CUDA MoE routing ops and the grouped expert GEMM: grid-limit checks, scratch from
 // the caching allocator, launch status checks (kernels in fused_router.cu, router.cu,
-// moe_dispatch.cu and grouped_gemm.cu; launch sizes in routing_plan.h). Also the internal fused
-// router entry points of kernels.h (router_fwd_with_stats and the losses from its statistics),
-// which validate their arguments here since no catalog op does.
+// moe_dispatch.cu and grouped_gemm.cu; launch sizes in routing_plan.h), including the router with
+// its losses in one pass (router_fwd_with_stats, the losses from its statistics, router_bwd_fused).
 #include <algorithm>
 #include <limits>
 
@@ -192,49 +191,15 @@ void grouped_gemm_bwd(const Tensor& x, const Tensor& w, const Tensor& offsets, c
                                           stream_of(x)));
 }
 
-// ---- fused routing with the router losses (internal) -------------------------------------------
-
-namespace {
-
-using ops::detail::check_dtype;
-using ops::detail::check_same_device;
-using ops::detail::check_shape;
-
-// stats as RouterStats::allocate(n, e, device) makes it.
-void check_stats(std::string_view op, const RouterStats& stats, int64_t n, int64_t e, const Tensor& ref) {
-  MOE_CHECK(stats.prob_mass.defined() && stats.selected.defined() && stats.lse.defined(),
-            "{}: stats has undefined tensors; expected RouterStats::allocate({}, {}, ...)", op, n, e);
-  check_same_device(op, {{"ref", ref}, {"stats.prob_mass", stats.prob_mass}, {"stats.selected", stats.selected},
-                         {"stats.lse", stats.lse}});
-  check_dtype(op, {"stats.prob_mass", stats.prob_mass}, DType::kF32);
-  check_shape(op, {"stats.prob_mass", stats.prob_mass}, Shape{e}, {"ref", ref});
-  check_dtype(op, {"stats.selected", stats.selected}, DType::kI64);
-  check_shape(op, {"stats.selected", stats.selected}, Shape{e}, {"ref", ref});
-  check_dtype(op, {"stats.lse", stats.lse}, DType::kF32);
-  check_shape(op, {"stats.lse", stats.lse}, Shape{n}, {"ref", ref});
-}
-
-void check_loss_tokens(std::string_view op, int64_t num_tokens, int64_t n) {
-  MOE_CHECK(num_tokens >= n, "{}: num_tokens={} must be >= the {} rows the statistics cover", op, num_tokens, n);
-}
-
-}  // namespace
-
-RouterStats RouterStats::allocate(int64_t n, int64_t e, Device device) {
-  return {Tensor::empty({e}, DType::kF32, device), Tensor::empty({e}, DType::kI64, device),
-          Tensor::empty({n}, DType::kF32, device)};
-}
+// ---- the router with its losses in one pass (arguments checked by the catalog) ------------------
 
 void router_fwd_with_stats(const Tensor& logits, ops::Gating gating, int k, const Tensor& bias, const Tensor& weights,
                            const Tensor& experts, const Tensor& probs, const RouterStats& stats) {
   constexpr std::string_view op = "router_fwd_with_stats";
-  const Device dev = ops::detail::check_router_fwd(op, logits, k, bias, weights, experts, probs);
-  MOE_CHECK(dev.type == DeviceType::kCUDA, "{}: logits must be on a CUDA device, got {}", op, logits.str());
   const int64_t n = logits.dim(0), e = logits.dim(1);
-  check_stats(op, stats, n, e, logits);
-  MOE_CHECK(e <= routing::kGatingMaxStatsExperts, "{}: logits has shape {}: {} experts exceed the fused statistics' maximum of {}",
-            op, logits.shape().str(), e, routing::kGatingMaxStatsExperts);
-
+  MOE_CHECK(e <= routing::kGatingMaxStatsExperts,
+            "{}: logits has shape {}: {} experts exceed the fused statistics' maximum of {}", op,
+            logits.shape().str(), e, routing::kGatingMaxStatsExperts);
   if (n == 0) {  // no rows: zero statistics
     fill(stats.prob_mass, 0.0f);
     fill(stats.selected, 0.0f);
@@ -254,70 +219,27 @@ void router_fwd_with_stats(const Tensor& logits, ops::Gating gating, int k, cons
 
 void moe_aux_loss_fwd_from_stats(const RouterStats& stats, const Tensor& counts, int k, int64_t num_tokens,
                                  const Tensor& loss) {
-  constexpr std::string_view op = "moe_aux_loss_fwd_from_stats";
-  const int64_t e = stats.prob_mass.defined() ? stats.prob_mass.numel() : 0, n = stats.lse.defined() ? stats.lse.numel() : 0;
-  check_stats(op, stats, n, e, stats.prob_mass);
-  check_same_device(op, {{"stats.prob_mass", stats.prob_mass}, {"counts", counts}, {"loss", loss}});
-  check_dtype(op, {"counts", counts}, DType::kI64);
-  check_shape(op, {"counts", counts}, Shape{e}, {"stats.prob_mass", stats.prob_mass});
-  check_dtype(op, {"loss", loss}, DType::kF32);
-  check_shape(op, {"loss", loss}, Shape{1}, {"stats.prob_mass", stats.prob_mass});
-  MOE_CHECK(k >= 1 && k <= e, "{}: k={} must be in [1, E={}]", op, k, e);
-  check_loss_tokens(op, num_tokens, n);
-  MOE_CUDA_CHECK(launch::moe_aux_loss_fwd_from_mass(stats.prob_mass.data<float>(), counts.data<int64_t>(), n, e, k,
-                                                    num_tokens, loss.data<float>(), stream_of(loss)));
+  MOE_CUDA_CHECK(launch::moe_aux_loss_fwd_from_mass(stats.prob_mass.data<float>(), counts.data<int64_t>(),
+                                                    stats.lse.numel(), stats.prob_mass.numel(), k, num_tokens,
+                                                    loss.data<float>(), stream_of(loss)));
 }
 
 void router_z_loss_fwd_from_stats(const RouterStats& stats, int64_t num_tokens, const Tensor& loss) {
-  constexpr std::string_view op = "router_z_loss_fwd_from_stats";
-  const int64_t e = stats.prob_mass.defined() ? stats.prob_mass.numel() : 0, n = stats.lse.defined() ? stats.lse.numel() : 0;
-  check_stats(op, stats, n, e, stats.lse);
-  check_same_device(op, {{"stats.lse", stats.lse}, {"loss", loss}});
-  check_dtype(op, {"loss", loss}, DType::kF32);
-  check_shape(op, {"loss", loss}, Shape{1}, {"stats.lse", stats.lse});
-  check_loss_tokens(op, num_tokens, n);
-  MOE_CUDA_CHECK(launch::router_z_loss_fwd_from_lse(stats.lse.data<float>(), n, num_tokens, loss.data<float>(),
-                                                    stream_of(loss)));
+  MOE_CUDA_CHECK(launch::router_z_loss_fwd_from_lse(stats.lse.data<float>(), stats.lse.numel(), num_tokens,
+                                                    loss.data<float>(), stream_of(loss)));
 }
 
 void router_bwd_fused(const Tensor& logits, ops::Gating gating, const Tensor& experts, const Tensor& dweights,
                       const Tensor& dprobs, const RouterLossGrads& losses, const Tensor& dlogits) {
   constexpr std::string_view op = "router_bwd_fused";
-  MOE_CHECK(logits.defined() && logits.ndim() == 2 && logits.device().type == DeviceType::kCUDA,
-            "{}: logits must be a (N, E) tensor on a CUDA device", op);
   const int64_t n = logits.dim(0), e = logits.dim(1);
-  check_dtype(op, {"logits", logits}, DType::kF32);
-  check_same_device(op, {{"logits", logits}, {"experts", experts}, {"dweights", dweights}, {"dlogits", dlogits}});
-  check_dtype(op, {"experts", experts}, DType::kI32);
-  MOE_CHECK(experts.ndim() == 2 && experts.dim(0) == n && experts.dim(1) >= 1 && experts.dim(1) <= e,
-            "{}: experts has shape {} but logits has shape {}; expected ({}, K) with K in [1, {}]", op,
-            experts.shape().str(), logits.shape().str(), n, e);
-  check_dtype(op, {"dweights", dweights}, DType::kF32);
-  check_shape(op, {"dweights", dweights}, experts.shape(), {"experts", experts});
-  if (dprobs.defined()) {
-    check_same_device(op, {{"logits", logits}, {"dprobs", dprobs}});
-    check_dtype(op, {"dprobs", dprobs}, DType::kF32);
-    check_shape(op, {"dprobs", dprobs}, logits.shape(), {"logits", logits});
-  }
-  check_dtype(op, {"dlogits", dlogits}, DType::kF32);
-  check_shape(op, {"dlogits", dlogits}, logits.shape(), {"logits", logits});
   const bool aux = losses.counts.defined(), z = losses.lse.defined();
-  if (aux || z) check_loss_tokens(op, losses.num_tokens, n);
   Tensor dprobs_row;  // (E): the aux loss's dprobs, the same for every row
   if (aux) {
-    check_same_device(op, {{"logits", logits}, {"losses.counts", losses.counts}});
-    check_dtype(op, {"losses.counts", losses.counts}, DType::kI64);
-    check_shape(op, {"losses.counts", losses.counts}, Shape{e}, {"logits", logits});
-    MOE_CHECK(losses.k >= 1 && losses.k <= e, "{}: losses.k={} must be in [1, E={}]", op, losses.k, e);
     dprobs_row = Tensor::empty({e}, DType::kF32, logits.device());
     // One row of moe_aux_loss_bwd: the very values the catalog op writes in every row.
     MOE_CUDA_CHECK(launch::moe_aux_loss_bwd(losses.counts.data<int64_t>(), 1, e, losses.k, losses.num_tokens,
                                             losses.aux_scale, dprobs_row.data<float>(), stream_of(logits)));
-  }
-  if (z) {
-    check_same_device(op, {{"logits", logits}, {"losses.lse", losses.lse}});
-    check_dtype(op, {"losses.lse", losses.lse}, DType::kF32);
-    check_shape(op, {"losses.lse", losses.lse}, Shape{n}, {"logits", logits});
   }
   if (n == 0) return;
   check_blocks(op, routing::plan_gating(n, e, false).blocks, "blocks of 4 tokens");

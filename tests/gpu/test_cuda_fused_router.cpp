@@ -130,11 +130,11 @@ TEST(GpuFusedRouter, StatisticsMatchTheCpuAndAreReproducible) {
 
           const Tensor gl = to_gpu(logits), gb = with_bias ? to_gpu(bias) : Tensor();
           const Tensor gw = poisoned({n, k}), gex = poisoned({n, k}, DType::kI32), gp = poisoned({n, e});
-          cuda::RouterStats st = cuda::RouterStats::allocate(n, e, gpu());
+          ops::RouterStats st = ops::RouterStats::allocate(n, e, gpu());
           ops::fill(st.prob_mass, NAN);
           ops::fill(st.selected, -777.0f);
           ops::fill(st.lse, NAN);
-          cuda::router_fwd_with_stats(gl, g, k, gb, gw, gex, gp, st);
+          ops::router_fwd_with_stats(gl, g, k, gb, gw, gex, gp, st);
           // The statistics against the GPU's own probs and experts (so that they are checked
           // even where the router itself would differ); the router against the CPU.
           const HostStats want = host_stats(logits, to_cpu(gp), to_cpu(gex));
@@ -146,8 +146,8 @@ TEST(GpuFusedRouter, StatisticsMatchTheCpuAndAreReproducible) {
           EXPECT_GPU_CLOSE(st.lse, want.lse, kF32Tol);
 
           // The same launch again: bitwise the same statistics.
-          const cuda::RouterStats again = cuda::RouterStats::allocate(n, e, gpu());
-          cuda::router_fwd_with_stats(gl, g, k, gb, poisoned({n, k}), poisoned({n, k}, DType::kI32), poisoned({n, e}),
+          const ops::RouterStats again = ops::RouterStats::allocate(n, e, gpu());
+          ops::router_fwd_with_stats(gl, g, k, gb, poisoned({n, k}), poisoned({n, k}, DType::kI32), poisoned({n, e}),
                                       again);
           EXPECT_TRUE(same_bits(again.prob_mass, st.prob_mass)) << "prob_mass not reproducible";
           EXPECT_TRUE(same_bits(again.lse, st.lse)) << "lse not reproducible";
@@ -157,10 +157,10 @@ TEST(GpuFusedRouter, StatisticsMatchTheCpuAndAreReproducible) {
           Tensor loss = Tensor::empty({1}, DType::kF32);
           const Tensor gloss = poisoned({1});
           ops::moe_aux_loss_fwd(probs, want.selected, k, 2 * n, loss);
-          cuda::moe_aux_loss_fwd_from_stats(st, to_gpu(want.selected), k, 2 * n, gloss);
+          ops::moe_aux_loss_fwd_from_stats(st, to_gpu(want.selected), k, 2 * n, gloss);
           EXPECT_GPU_CLOSE(gloss, loss, kF32Tol) << "aux loss";
           ops::router_z_loss_fwd(logits, 2 * n, loss);
-          cuda::router_z_loss_fwd_from_stats(st, 2 * n, gloss);
+          ops::router_z_loss_fwd_from_stats(st, 2 * n, gloss);
           EXPECT_GPU_CLOSE(gloss, loss, kF32Tol) << "z-loss";
           // And the catalog losses on the GPU (their own reductions) agree too.
           ops::moe_aux_loss_fwd(probs, want.selected, k, 2 * n, loss);
@@ -173,9 +173,9 @@ TEST(GpuFusedRouter, StatisticsMatchTheCpuAndAreReproducible) {
 TEST(GpuFusedRouter, StatisticsOfNoRowsAreZero) {
   MOE_REQUIRE_GPU();
   const int64_t e = 16;
-  const cuda::RouterStats st = cuda::RouterStats::allocate(0, e, gpu());
+  const ops::RouterStats st = ops::RouterStats::allocate(0, e, gpu());
   ops::fill(st.prob_mass, NAN);
-  cuda::router_fwd_with_stats(poisoned({0, e}), ops::Gating::kSoftmaxTopK, 2, Tensor(), poisoned({0, 2}),
+  ops::router_fwd_with_stats(poisoned({0, e}), ops::Gating::kSoftmaxTopK, 2, Tensor(), poisoned({0, 2}),
                               poisoned({0, 2}, DType::kI32), poisoned({0, e}), st);
   EXPECT_GPU_CLOSE(st.prob_mass, Tensor::zeros({e}, DType::kF32), 0.0);
   expect_equal_ints(st.selected, Tensor::zeros({e}, DType::kI64), "selected");
@@ -198,8 +198,8 @@ TEST(GpuFusedRouter, FusedBackwardMatchesTheCpuSequence) {
       Tensor probs = Tensor::empty({n, e}, DType::kF32);
       ops::router_fwd(logits, g, k, Tensor(), w, ex, probs);
       const Tensor gl = to_gpu(logits), gex = to_gpu(ex);
-      const cuda::RouterStats st = cuda::RouterStats::allocate(n, e, gpu());
-      cuda::router_fwd_with_stats(gl, g, k, Tensor(), poisoned({n, k}), poisoned({n, k}, DType::kI32),
+      const ops::RouterStats st = ops::RouterStats::allocate(n, e, gpu());
+      ops::router_fwd_with_stats(gl, g, k, Tensor(), poisoned({n, k}), poisoned({n, k}, DType::kI32),
                                   poisoned({n, e}), st);
       const Tensor dw = random_tensor({n, k}, 13), dp = random_tensor({n, e}, 14);
       for (const bool with_dprobs : {false, true})
@@ -219,7 +219,7 @@ TEST(GpuFusedRouter, FusedBackwardMatchesTheCpuSequence) {
             ops::router_bwd(logits, g, ex, dw, dprobs, dl);
             if (z) ops::router_z_loss_bwd(logits, tokens, 0.5f, dl);
 
-            cuda::RouterLossGrads terms;
+            ops::RouterLossGrads terms;
             terms.num_tokens = tokens;
             if (aux) {
               terms.counts = to_gpu(counts);
@@ -231,7 +231,7 @@ TEST(GpuFusedRouter, FusedBackwardMatchesTheCpuSequence) {
               terms.z_scale = 0.5f;
             }
             const Tensor gdl = poisoned({n, e});
-            cuda::router_bwd_fused(gl, g, gex, to_gpu(dw), with_dprobs ? to_gpu(dp) : Tensor(), terms, gdl);
+            ops::router_bwd_fused(gl, g, gex, to_gpu(dw), with_dprobs ? to_gpu(dp) : Tensor(), terms, gdl);
             EXPECT_GPU_CLOSE(gdl, dl, kF32Tol);
           }
     }

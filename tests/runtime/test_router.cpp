@@ -22,6 +22,7 @@ using testing::expect_close;
 using testing::finite_diff;
 using testing::random_tensor;
 using testing::to_double;
+using testing::error_of;
 
 constexpr double kFdStep = 1e-6;
 
@@ -364,9 +365,193 @@ TEST(RouterLosses, NoTokensGiveZeroLoss) {
   EXPECT_EQ(loss.data<float>()[0], 0.0f);
 }
 
-// ---- validation -----------------------------------------------------------------------------------
+// ---- the router with its losses in one pass --------------------------------------------------------
 
-using testing::error_of;
+// router_fwd_with_stats, the losses from its statistics and router_bwd_fused against the op
+// sequence they replace: routing and gradients bitwise, the aux loss to f32 rounding (its mass is
+// kept in f32), the statistics against double sums.
+TEST(FusedRouter, EqualsTheOpSequenceItReplaces) {
+  for (const Gating g : {Gating::kSoftmaxTopK, Gating::kSigmoidTopK})
+    for (auto [n, e, k] : {std::tuple<int64_t, int64_t, int>{1, 4, 1}, {37, 8, 2}, {300, 64, 8}, {129, 256, 2}}) {
+      SCOPED_TRACE(fmt::format("{} N={} E={} k={}", ops::gating_name(g), n, e, k));
+      const Tensor logits = random_tensor({n, e}, 51 + n, 3.0f);
+      const Tensor bias = g == Gating::kSigmoidTopK ? random_tensor({e}, 52, 0.1f) : Tensor();
+      const Tensor w0 = Tensor::empty({n, k}, DType::kF32), x0 = Tensor::empty({n, k}, DType::kI32);
+      const Tensor p0 = Tensor::empty({n, e}, DType::kF32);
+      ops::router_fwd(logits, g, k, bias, w0, x0, p0);
+      const Tensor w1 = random_tensor({n, k}, 53), x1 = Tensor::empty({n, k}, DType::kI32);
+      const Tensor p1 = random_tensor({n, e}, 54);
+      const ops::RouterStats st = ops::RouterStats::allocate(n, e, Device::cpu());
+      ops::fill(st.prob_mass, -1.0f);
+      ops::router_fwd_with_stats(logits, g, k, bias, w1, x1, p1, st);
+      expect_close(w1, to_double(w0), 0.0, 0.0, "weights");
+      EXPECT_EQ(ints_of(x1), ints_of(x0));
+      expect_close(p1, to_double(p0), 0.0, 0.0, "probs");
+
+      // Statistics: the mass is the column sum of probs, selected counts the top-k ids, lse the
+      // rows' logsumexp (against double).
+      const std::vector<double> P = to_double(p0), L = to_double(logits);
+      const std::vector<int32_t> ids = ints_of(x0);
+      std::vector<double> mass(e, 0.0), lse(n);
+      std::vector<int64_t> selected(e, 0);
+      for (int64_t i = 0; i < n; ++i) {
+        double s = 0.0;
+        for (int64_t j = 0; j < e; ++j) {
+          mass[j] += P[i * e + j];
+          s += std::exp(L[i * e + j]);
+        }
+        lse[i] = std::log(s);
+      }
+      for (const int32_t id : ids) ++selected[id];
+      expect_close(st.prob_mass, mass, 1e-6, 1e-6, "prob_mass");
+      EXPECT_EQ(std::vector<int64_t>(st.selected.data<int64_t>(), st.selected.data<int64_t>() + e), selected);
+      expect_close(st.lse, lse, 1e-6, 1e-6, "lse");
+
+      // The losses, as a rank with these rows of a 3n-token batch would compute them.
+      const int64_t tokens = 3 * n;
+      const Tensor counts = i64_tensor(selected);
+      const Tensor a0 = Tensor::empty({1}, DType::kF32), a1 = Tensor::empty({1}, DType::kF32);
+      ops::moe_aux_loss_fwd(p0, counts, k, tokens, a0);
+      ops::moe_aux_loss_fwd_from_stats(st, counts, k, tokens, a1);
+      EXPECT_NEAR(a1.data<float>()[0], a0.data<float>()[0], 1e-6 * a0.data<float>()[0]);
+      const Tensor z0 = Tensor::empty({1}, DType::kF32), z1 = Tensor::empty({1}, DType::kF32);
+      ops::router_z_loss_fwd(logits, tokens, z0);
+      ops::router_z_loss_fwd_from_stats(st, tokens, z1);
+      EXPECT_EQ(z1.data<float>()[0], z0.data<float>()[0]);
+
+      // Backward with every combination of the terms: given dprobs, aux, z.
+      const Tensor dweights = random_tensor({n, k}, 55);
+      const Tensor dprobs_given = random_tensor({n, e}, 56, 0.1f);
+      for (int terms = 0; terms < 8; ++terms) {
+        const bool with_dprobs = terms & 1, aux = terms & 2, z = terms & 4;
+        SCOPED_TRACE(fmt::format("dprobs {} aux {} z {}", with_dprobs, aux, z));
+        const float aux_scale = 0.37f, z_scale = 0.011f;
+        Tensor dp;  // the sequence's dprobs: the given one plus the aux loss's
+        if (aux) {
+          dp = Tensor::empty({n, e}, DType::kF32);
+          ops::moe_aux_loss_bwd(p0, counts, k, tokens, aux_scale, dp);
+          if (with_dprobs) ops::add_(dp, dprobs_given);
+        } else if (with_dprobs) {
+          dp = dprobs_given;
+        }
+        const Tensor want = Tensor::empty({n, e}, DType::kF32);
+        ops::router_bwd(logits, g, x0, dweights, dp, want);
+        if (z) ops::router_z_loss_bwd(logits, tokens, z_scale, want);
+
+        ops::RouterLossGrads losses;
+        losses.num_tokens = tokens;
+        if (aux) {
+          losses.counts = counts;
+          losses.k = k;
+          losses.aux_scale = aux_scale;
+        }
+        if (z) {
+          losses.lse = st.lse;
+          losses.z_scale = z_scale;
+        }
+        const Tensor got = random_tensor({n, e}, 57);  // written, not accumulated
+        ops::router_bwd_fused(logits, g, x0, dweights, with_dprobs ? dprobs_given : Tensor(), losses, got);
+        expect_close(got, to_double(want), 0.0, 0.0, "dlogits");
+      }
+    }
+}
+
+// The fused backward's loss terms against finite differences of the double losses (the sequence
+// test above ties it to the per-op tests; this one ties it to the loss definitions directly).
+TEST(FusedRouter, LossGradientsMatchFiniteDifferences) {
+  const int64_t n = 9, e = 6;
+  const int k = 2;
+  const Tensor logits = random_tensor({n, e}, 61, 2.0f);
+  const Tensor weights = Tensor::empty({n, k}, DType::kF32), experts = Tensor::empty({n, k}, DType::kI32);
+  const ops::RouterStats st = ops::RouterStats::allocate(n, e, Device::cpu());
+  ops::router_fwd_with_stats(logits, Gating::kSoftmaxTopK, k, Tensor(), weights, experts,
+                             Tensor::empty({n, e}, DType::kF32), st);
+  const std::vector<int64_t> cv(st.selected.data<int64_t>(), st.selected.data<int64_t>() + e);
+  ops::RouterLossGrads losses;
+  losses.num_tokens = n;
+  losses.counts = i64_tensor(cv);
+  losses.k = k;
+  losses.aux_scale = 0.5f;
+  losses.lse = st.lse;
+  losses.z_scale = 0.25f;
+  const Tensor dlogits = Tensor::empty({n, e}, DType::kF32);
+  ops::router_bwd_fused(logits, Gating::kSoftmaxTopK, experts, Tensor::zeros({n, k}, DType::kF32), Tensor(), losses,
+                        dlogits);
+  // 0.5 * aux(softmax(logits)) + 0.25 * z(logits), counts held fixed.
+  const auto f = [&](const std::vector<double>& l) {
+    std::vector<double> p(l.size());
+    for (int64_t i = 0; i < n; ++i) {
+      double mx = l[i * e], s = 0.0;
+      for (int64_t j = 1; j < e; ++j) mx = std::max(mx, l[i * e + j]);
+      for (int64_t j = 0; j < e; ++j) s += std::exp(l[i * e + j] - mx);
+      for (int64_t j = 0; j < e; ++j) p[i * e + j] = std::exp(l[i * e + j] - mx) / s;
+    }
+    return 0.5 * ref_aux_loss(p, cv, n, e, k) + 0.25 * ref_z_loss(l, n, e);
+  };
+  expect_close(dlogits, finite_diff(f, to_double(logits)), 1e-4, 1e-6, "router_bwd_fused vs finite differences");
+}
+
+TEST(FusedRouterValidation, MessagesNameOpAndArgument) {
+  const int64_t n = 7, e = 4;
+  const Tensor logits = random_tensor({n, e}, 1);
+  const Tensor weights = Tensor::empty({n, 2}, DType::kF32), experts = Tensor::empty({n, 2}, DType::kI32);
+  const Tensor probs = Tensor::empty({n, e}, DType::kF32);
+  const ops::RouterStats st = ops::RouterStats::allocate(n, e, Device::cpu());
+  EXPECT_EQ(error_of([&] {
+              ops::router_fwd_with_stats(logits, Gating::kSoftmaxTopK, 2, Tensor(), weights, experts, probs,
+                                         ops::RouterStats::allocate(n, 5, Device::cpu()));
+            }),
+            "router_fwd_with_stats: stats.prob_mass has shape (5) but logits has shape (7, 4); expected "
+            "stats.prob_mass of shape (4)");
+  EXPECT_EQ(error_of([&] {
+              ops::router_fwd_with_stats(logits, Gating::kSoftmaxTopK, 2, Tensor(), weights, experts, probs,
+                                         ops::RouterStats{});
+            }),
+            "router_fwd_with_stats: stats has undefined tensors; expected RouterStats::allocate(7, 4, ...)");
+  EXPECT_EQ(error_of([&] {
+              ops::router_fwd_with_stats(logits, Gating::kSoftmaxTopK, 5, Tensor(), weights, experts, probs, st);
+            }),
+            "router_fwd_with_stats: k=5 must be in [1, E=4]");
+  ops::router_fwd_with_stats(logits, Gating::kSoftmaxTopK, 2, Tensor(), weights, experts, probs, st);
+  const Tensor loss = Tensor::empty({1}, DType::kF32);
+  EXPECT_EQ(error_of([&] { ops::moe_aux_loss_fwd_from_stats(st, i64_tensor({1, 2, 3}), 2, n, loss); }),
+            "moe_aux_loss_fwd_from_stats: counts has shape (3) but stats.prob_mass has shape (4); expected counts of "
+            "shape (4)");
+  EXPECT_EQ(error_of([&] { ops::moe_aux_loss_fwd_from_stats(st, i64_tensor({1, 2, 3, 4}), 2, n - 1, loss); }),
+            "moe_aux_loss_fwd_from_stats: num_tokens=6 must be >= the 7 rows the statistics cover");
+  EXPECT_EQ(error_of([&] { ops::router_z_loss_fwd_from_stats(st, n, probs); }),
+            "router_z_loss_fwd_from_stats: loss has shape (7, 4) but stats.lse has shape (7); expected loss of shape "
+            "(1)");
+  ops::RouterLossGrads losses;
+  losses.num_tokens = n;
+  losses.lse = Tensor::empty({n + 1}, DType::kF32);
+  const Tensor dlogits = Tensor::empty({n, e}, DType::kF32);
+  EXPECT_EQ(error_of([&] {
+              ops::router_bwd_fused(logits, Gating::kSoftmaxTopK, experts, weights, Tensor(), losses, dlogits);
+            }),
+            "router_bwd_fused: losses.lse has shape (8) but logits has shape (7, 4); expected losses.lse of shape (7)");
+  losses.lse = st.lse;
+  losses.counts = i64_tensor({1, 2, 3, 4});
+  losses.k = 9;
+  EXPECT_EQ(error_of([&] {
+              ops::router_bwd_fused(logits, Gating::kSoftmaxTopK, experts, weights, Tensor(), losses, dlogits);
+            }),
+            "router_bwd_fused: losses.k=9 must be in [1, E=4]");
+  losses.k = 2;
+  losses.num_tokens = 3;
+  EXPECT_EQ(error_of([&] {
+              ops::router_bwd_fused(logits, Gating::kSoftmaxTopK, experts, weights, Tensor(), losses, dlogits);
+            }),
+            "router_bwd_fused: num_tokens=3 must be >= the 7 rows the statistics cover");
+  EXPECT_EQ(error_of([&] {
+              ops::router_bwd_fused(logits, Gating::kSoftmaxTopK, experts, weights.reshape({2, 7}), Tensor(), losses,
+                                    dlogits);
+            }),
+            "router_bwd_fused: dweights has shape (2, 7) but experts has shape (7, 2); expected dweights of shape "
+            "(7, 2)");
+}
+
+// ---- validation -----------------------------------------------------------------------------------
 
 TEST(RouterValidation, MessagesNameOpAndShapes) {
   const Tensor logits = random_tensor({7, 4}, 1);
