@@ -60,6 +60,13 @@ uint32_t file_type(GgmlType t) {
 std::vector<std::string> export_gguf(const std::string& step_dir, const ReleaseInfo& info, const GgufExportOptions& o) {
   const ModelConfig& c = info.model;
   check_mixtral_expressible(c, "GGUF llama");
+  // llama.cpp's llama architecture (Mixtral included) attends to the whole context: a model
+  // trained with a window would run with other attention than it was trained with.
+  MOE_CHECK(c.sliding_window == 0,
+            "cannot export to GGUF llama: the model attends through a sliding window of {} tokens "
+            "(model.sliding_window), which llama.cpp's llama architecture does not apply; export to HF "
+            "safetensors instead (config.json carries sliding_window)",
+            c.sliding_window);
   const std::vector<std::string> tokens = byte_vocab_tokens(c.vocab_size);
   CheckpointReader reader(step_dir);
   const std::vector<GgufTensor> tensors = gguf_tensors(c);

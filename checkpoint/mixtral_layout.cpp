@@ -73,7 +73,11 @@ nlohmann::ordered_json mixtral_config_json(const ModelConfig& c, int64_t max_seq
   j["rms_norm_eps"] = json_float(c.norm_eps);
   j["rope_theta"] = json_float(c.rope_theta);
   j["max_position_embeddings"] = max_seq_len;
-  j["sliding_window"] = nullptr;
+  if (c.sliding_window > 0) {
+    j["sliding_window"] = c.sliding_window;
+  } else {
+    j["sliding_window"] = nullptr;
+  }
   j["tie_word_embeddings"] = c.tie_embeddings;
   j["router_aux_loss_coef"] = hf_aux_coef(c);
   j["router_jitter_noise"] = 0.0;
@@ -144,9 +148,8 @@ HfModel model_from_mixtral_config(const nlohmann::json& j, const std::string& wh
   }
   MOE_CHECK(!j.contains("rope_scaling") || j["rope_scaling"].is_null(),
             "{}: config.json sets rope_scaling, which moeforge does not implement", where);
-  MOE_CHECK(!j.contains("sliding_window") || j["sliding_window"].is_null(),
-            "{}: config.json sets sliding_window {}; moeforge attention is full causal attention", where,
-            j.contains("sliding_window") ? j["sliding_window"].dump() : "");
+  if (j.contains("sliding_window") && !j["sliding_window"].is_null())
+    m.sliding_window = need_int(j, "sliding_window", where);  // null: no window
   MOE_CHECK(j.value("hidden_act", std::string("silu")) == "silu",
             "{}: config.json hidden_act '{}': moeforge experts are SwiGLU (silu)", where, j.value("hidden_act", ""));
   m.tie_embeddings = j.value("tie_word_embeddings", false);

@@ -369,6 +369,19 @@ class Validator {
     non_negative("model.expert_bias_update_rate", m.expert_bias_update_rate());
     positive("model.init_std", m.init_std());
     positive("model.max_seq_len", m.max_seq_len());
+    non_negative("model.sliding_window", m.sliding_window());
+    if (m.document_start_token() < -1 || m.document_start_token() >= m.vocab_size()) {
+      origins_.fail({"model.document_start_token", "model.vocab_size"},
+                    fmt::format("must be -1 (off) or a token id in [0, model.vocab_size = {}), got {}", m.vocab_size(),
+                                m.document_start_token()));
+    }
+    const config::TrainConfig& t = cfg_.train();
+    if ((m.sliding_window() > 0 || m.document_start_token() >= 0) && t.device() == config::TrainConfig::CUDA &&
+        t.precision() != config::TrainConfig::BF16) {
+      origins_.fail({m.sliding_window() > 0 ? "model.sliding_window" : "model.document_start_token", "train.precision"},
+                    "a sliding window or document masking on CUDA runs on the fused bf16 attention kernels: set "
+                    "train.precision: BF16 (the f32 CUDA attention is plain causal)");
+    }
   }
 
   void parallel() {
@@ -604,6 +617,8 @@ ModelConfig model_config_from(const config::RunConfig& run) {
   m.recompute = p.recompute();
   m.capacity_factor = p.capacity_factor();
   m.expert_bias_update_rate = p.expert_bias_update_rate();
+  m.sliding_window = p.sliding_window();
+  m.document_start_token = p.document_start_token();
   return m;
 }
 

@@ -32,7 +32,8 @@ AttentionBlock::AttentionBlock(const ModelConfig& cfg, ParamRegistry& reg, Comm&
                   .init_std = output_std(cfg)});
 }
 
-void AttentionBlock::forward(int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out, AttentionActs& a) const {
+void AttentionBlock::forward(int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out,
+                             const ops::AttentionMask& mask, AttentionActs& a) const {
   const int64_t C = cfg_.dim, N = B * T, Nl = h_in.dim(0), D = cfg_.head_dim;
   const int64_t H = heads_, Hkv = kv_heads_;
   const Device dev = h_in.device();  // every activation lives where the input does
@@ -54,7 +55,8 @@ void AttentionBlock::forward(int64_t B, int64_t T, const Tensor& h_in, const Ten
 
   a.out = Tensor::empty({B, T, H, D}, act, dev);
   a.lse = Tensor::empty({B, H, T}, DType::kF32, dev);
-  ops::attention_fwd(a.q, a.k, a.v, 1.0f / std::sqrt(static_cast<float>(D)), a.out, a.lse);
+  a.mask = mask;
+  ops::attention_fwd(a.q, a.k, a.v, 1.0f / std::sqrt(static_cast<float>(D)), a.out, a.lse, mask);
 
   // Row-parallel output projection: partial sums over this rank's heads, summed by the scatter.
   const Tensor y_partial = tp_.size() == 1 ? h_out : Tensor::empty({N, C}, act, dev);
@@ -78,7 +80,8 @@ void AttentionBlock::backward(const Tensor& dh_out, const Tensor& dh_in, const A
   const Tensor dq = Tensor::empty({B, T, H, D}, act, dev);
   const Tensor dk = Tensor::empty({B, T, Hkv, D}, act, dev);
   const Tensor dv = Tensor::empty({B, T, Hkv, D}, act, dev);
-  ops::attention_bwd(a.q, a.k, a.v, a.out, a.lse, dout, 1.0f / std::sqrt(static_cast<float>(D)), dq, dk, dv);
+  ops::attention_bwd(a.q, a.k, a.v, a.out, a.lse, dout, 1.0f / std::sqrt(static_cast<float>(D)), dq, dk, dv,
+                     a.mask);
   ops::rope_bwd(dq, cfg_.rope_theta, dq);
   ops::rope_bwd(dk, cfg_.rope_theta, dk);
 

@@ -27,14 +27,17 @@ struct AttentionActs {
   Tensor v;     // (B, T, Hkvl, D)
   Tensor out;   // (B, T, Hl, D) attention output before wo
   Tensor lse;   // (B, Hl, T)
+  ops::AttentionMask mask;  // the forward's (window, documents), for the backward
 };
 
 class AttentionBlock {
  public:
   AttentionBlock(const ModelConfig& cfg, ParamRegistry& registry, Comm& tp, int layer);
 
-  // h_in, h_out: (Nl, C) for a micro-batch of B sequences of T tokens.
-  void forward(int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out, AttentionActs& acts) const;
+  // h_in, h_out: (Nl, C) for a micro-batch of B sequences of T tokens; mask: which keys each query
+  // sees besides the causal rule (MoeTransformer::attention_mask).
+  void forward(int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out, const ops::AttentionMask& mask,
+               AttentionActs& acts) const;
   // dh_out (Nl, C) -> dh_in (Nl, C) written; parameter gradients accumulated.
   void backward(const Tensor& dh_out, const Tensor& dh_in, const AttentionActs& acts) const;
 

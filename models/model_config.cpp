@@ -30,6 +30,10 @@ void ModelConfig::validate() const {
   MOE_CHECK(expert_bias_update_rate >= 0.0f && std::isfinite(expert_bias_update_rate),
             "model.expert_bias_update_rate must be finite and >= 0, got {}", expert_bias_update_rate);
   MOE_CHECK(init_std > 0.0f, "model.init_std must be positive, got {}", init_std);
+  MOE_CHECK(sliding_window >= 0, "model.sliding_window must be >= 0 (0: none), got {}", sliding_window);
+  MOE_CHECK(document_start_token >= -1 && document_start_token < vocab_size,
+            "model.document_start_token must be -1 (off) or a token id in [0, {}), got {}", vocab_size,
+            document_start_token);
 }
 
 }  // namespace moeforge

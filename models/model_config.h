@@ -31,6 +31,8 @@ struct ModelConfig {
   bool recompute = false;       // per-layer activation recomputation
   float capacity_factor = 0.0f;          // > 0: capacity mode (configs/moeforge.proto); 0: dropless
   float expert_bias_update_rate = 0.0f;  // > 0: aux-loss-free balancing bias, updated per step
+  int64_t sliding_window = 0;            // > 0: a query sees its last sliding_window keys (itself included)
+  int document_start_token = -1;         // >= 0: this token id starts a document; attention stays inside
   // The dtype of the forward/backward: f32, or bf16 mixed precision (bf16 weight copies and
   // activations; fp32 master weights, gradients and optimizer state). Set from train.precision.
   DType compute_dtype = DType::kF32;

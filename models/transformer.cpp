@@ -94,13 +94,29 @@ int64_t MoeTransformer::vocab_valid() const {
 
 void MoeTransformer::reset_load() { load_ = Tensor::zeros({cfg_.n_layers, cfg_.n_experts + 1}, DType::kI64); }
 
-void MoeTransformer::layer_forward(int i, int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out,
-                                   LayerActs& a) const {
+ops::AttentionMask MoeTransformer::attention_mask(const Tensor& tokens) const {
+  ops::AttentionMask mask;
+  mask.window = cfg_.sliding_window;
+  if (cfg_.document_start_token < 0) return mask;
+  const Tensor ids = host(tokens);
+  const int64_t B = ids.dim(0), T = ids.dim(1);
+  const int32_t* p = ids.data<int32_t>();
+  std::vector<int32_t> cu{0};
+  for (int64_t r = 1; r < B * T; ++r)
+    if (r % T == 0 || p[r] == cfg_.document_start_token) cu.push_back(static_cast<int32_t>(r));
+  cu.push_back(static_cast<int32_t>(B * T));
+  for (size_t s = 0; s + 1 < cu.size(); ++s) mask.max_seqlen = std::max<int64_t>(mask.max_seqlen, cu[s + 1] - cu[s]);
+  mask.cu_seqlens = on_device(Tensor::from_ints({std::ssize(cu)}, cu), device());
+  return mask;
+}
+
+void MoeTransformer::layer_forward(int i, int64_t B, int64_t T, const ops::AttentionMask& mask, const Tensor& h_in,
+                                   const Tensor& h_out, LayerActs& a) const {
   const Layer& l = layer(i);
   const Device dev = h_in.device();
   a.h_in = h_in;
   a.h_mid = Tensor::empty(h_in.shape(), h_in.dtype(), dev);
-  l.attn.forward(B, T, h_in, a.h_mid, a.attn);
+  l.attn.forward(B, T, h_in, a.h_mid, mask, a.attn);
   if (l.moe) {
     l.moe->forward(a.h_mid, h_out, a.moe);
   } else {
@@ -115,6 +131,7 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
   Comm& tp = grid_.tp();
   a.batch = tokens.dim(0);
   a.seq = tokens.dim(1);
+  a.mask = attention_mask(tokens);
   const int64_t N = a.batch * a.seq, C = cfg_.dim;
   MOE_CHECK(N % tp.size() == 0, "MoeTransformer: a micro-batch of {} tokens does not split over {} TP ranks", N,
             tp.size());
@@ -140,7 +157,7 @@ Tensor MoeTransformer::run_layers(int c, const Tensor& tokens, const Tensor& h_i
   for (int i = first; i < end; ++i) {
     LayerActs& la = a.layers[static_cast<size_t>(i - first)];
     const Tensor h_next = Tensor::empty({Nl, C}, h.dtype(), dev);
-    layer_forward(i, a.batch, a.seq, h, h_next, la);
+    layer_forward(i, a.batch, a.seq, a.mask, h, h_next, la);
     if (layer(i).moe) {
       loss.aux += la.moe.aux;
       loss.z += la.moe.z;
@@ -256,7 +273,7 @@ Tensor MoeTransformer::backward_chunk(int c, int mb, const Tensor& dh_out, float
     LayerActs& la = a.layers[static_cast<size_t>(i - first)];
     if (cfg_.recompute) {
       const Tensor scratch = Tensor::empty(la.h_in.shape(), la.h_in.dtype(), dev);
-      layer_forward(i, a.batch, a.seq, la.h_in, scratch, la);
+      layer_forward(i, a.batch, a.seq, a.mask, la.h_in, scratch, la);
     }
     const Layer& l = layer(i);
     if (l.moe) {

@@ -149,6 +149,7 @@ class MoeTransformer {
   // Activations of one (chunk, micro-batch).
   struct ChunkActs {
     int64_t batch = 0, seq = 0;
+    ops::AttentionMask mask;        // every layer's attention mask for this micro-batch
     std::vector<LayerActs> layers;  // the chunk's layers, in order
     Tensor tokens;   // (N) i32, first chunk
     // Last chunk:
@@ -164,7 +165,11 @@ class MoeTransformer {
   Layer& layer(int i) { return layers_[static_cast<size_t>(layer_slot_[static_cast<size_t>(i)])]; }
   const Layer& layer(int i) const { return layers_[static_cast<size_t>(layer_slot_[static_cast<size_t>(i)])]; }
   std::pair<int, int> chunk_range(int c) const;  // [first, end) layers of chunk c
-  void layer_forward(int i, int64_t B, int64_t T, const Tensor& h_in, const Tensor& h_out, LayerActs& acts) const;
+  void layer_forward(int i, int64_t B, int64_t T, const ops::AttentionMask& mask, const Tensor& h_in,
+                     const Tensor& h_out, LayerActs& acts) const;
+  // The attention mask of a (B, T) micro-batch: the model's window, and its documents (each
+  // document_start_token starts one) as cumulative lengths on the model's device.
+  ops::AttentionMask attention_mask(const Tensor& tokens) const;
   // Embedding (first chunk) or h_in, then the chunk's layers; fills a (layers, tokens) and adds
   // the layers' aux/z parts and loads. Returns the chunk's last hidden state (Nl, C).
   Tensor run_layers(int c, const Tensor& tokens, const Tensor& h_in, ChunkActs& a, ChunkLoss& loss, bool keep);

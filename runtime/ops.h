@@ -80,16 +80,31 @@ void rope_fwd(const Tensor& x, float theta, const Tensor& out);
 void rope_bwd(const Tensor& dout, float theta, const Tensor& dx);
 
 // ---- attention -----------------------------------------------------------------------------------
+// Which keys a query sees besides the causal rule (key j <= query i): keys of its own document and
+// keys within a window. The default mask is plain causal attention.
+struct AttentionMask {
+  // > 0: query i sees keys j with i - j < window (Mistral's sliding window); 0: no window.
+  int64_t window = 0;
+  // Documents packed into the rows: (S + 1) i32 cumulative document lengths over the B * T rows
+  // flattened (b * T + t), on the op's device: 0 first, B * T last, increasing, every row start
+  // b * T among them. A query sees keys of its document only. Undefined: each row is one sequence.
+  Tensor cu_seqlens;
+  int64_t max_seqlen = 0;  // the longest document (with cu_seqlens; the CUDA kernels plan with it)
+  bool plain() const { return window == 0 && !cu_seqlens.defined(); }
+};
+
 // Causal grouped-query attention. q (B, T, H, D), k and v (B, T, Hkv, D) with H % Hkv == 0 (query
 // head h reads kv head h / (H / Hkv)). out (B, T, H, D); lse (B, H, T) f32 receives each row's
 // log-sum-exp of the scaled scores, which the backward uses to rebuild probabilities. Tiled with
 // an online softmax: memory is linear in T. f32 everywhere; on CUDA also bf16 q/k/v/out and
-// gradients (fp32 accumulation, lse f32), which run the fused flash-attention kernel.
+// gradients (fp32 accumulation, lse f32), which run the fused flash-attention kernel (the only
+// CUDA kernel that takes a mask other than plain causal).
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
-                   const Tensor& lse);
-// dq (B, T, H, D), dk and dv (B, T, Hkv, D), all written.
+                   const Tensor& lse, const AttentionMask& mask = {});
+// dq (B, T, H, D), dk and dv (B, T, Hkv, D), all written. mask as in the forward.
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv);
+                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                   const AttentionMask& mask = {});
 
 // ---- SwiGLU --------------------------------------------------------------------------------------
 // gate, up, out (N, F): out = silu(gate) * up.

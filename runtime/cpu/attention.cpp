@@ -15,8 +15,8 @@ namespace {
 
 // Query and key tiles are kTile x kTile. Wider tiles (up to 256 keys or query rows, measured with
 // B=4, T=256, H=8, Hkv=2, D=64) made no measurable difference: the time is in the tile sgemms
-// either way. A query tile at i0 meets key tiles j0 <= i0 only, and only the diagonal one is
-// masked.
+// either way. A query tile at i0 meets key tiles j0 <= i0 only; without a document or window
+// mask only the diagonal one is masked.
 constexpr int64_t kTile = 64;
 
 // Below this many multiply-adds (of one score matrix) the work stays on the calling thread.
@@ -34,9 +34,26 @@ struct Dims {
 
 Dims dims_of(const Tensor& q, const Tensor& k) { return {q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)}; }
 
-// Number of unmasked keys of row r of the tile pair (i0, j0) with `cols` keys: key j0 + c is
-// visible to query i0 + r when j0 + c <= i0 + r.
+// Number of causally unmasked keys of row r of the tile pair (i0, j0) with `cols` keys: key j0 + c
+// is visible to query i0 + r when j0 + c <= i0 + r.
 inline int64_t visible_cols(int64_t i0, int64_t j0, int64_t r, int64_t cols) { return std::min(cols, i0 + r - j0 + 1); }
+
+// The first key each query sees (b * T + i -> a position in row b), or empty for plain causal
+// attention: the start of the query's document, moved up to i - window + 1 by a window.
+std::vector<int32_t> first_keys(const Dims& d, const ops::AttentionMask& mask) {
+  std::vector<int32_t> first;
+  if (mask.plain()) return first;
+  first.assign(static_cast<size_t>(d.B * d.T), 0);
+  if (mask.cu_seqlens.defined()) {
+    const int32_t* cu = mask.cu_seqlens.data<int32_t>();
+    for (int64_t s = 0; s + 1 < mask.cu_seqlens.numel(); ++s)
+      for (int64_t r = cu[s]; r < cu[s + 1]; ++r) first[r] = static_cast<int32_t>(cu[s] - r / d.T * d.T);
+  }
+  if (mask.window > 0)
+    for (int64_t r = 0; r < d.B * d.T; ++r)
+      first[r] = static_cast<int32_t>(std::max<int64_t>(first[r], r % d.T - mask.window + 1));
+  return first;
+}
 
 // c (m, n) = alpha * a (m, kk) · op(b) + beta * c, row-major with leading dimensions.
 inline void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t kk, float alpha, const float* a,
@@ -46,10 +63,11 @@ inline void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t kk, 
               static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
 }
 
-// One query tile of one head: rows [i0, i0 + rows) of head h, against keys 0..i0 + rows - 1.
+// One query tile of one head: rows [i0, i0 + rows) of head h, against keys 0..i0 + rows - 1, or
+// from first[i0] on (first: row b's first visible keys, or nullptr for plain causal attention).
 // s (kTile, kTile), o (kTile, D), m and l (kTile) are the thread's scratch.
 void forward_tile(const Dims& d, const float* q, const float* k, const float* v, float scale, float* out, float* lse,
-                  int64_t b, int64_t h, int64_t i0, float* s, float* o, float* m, float* l) {
+                  const int32_t* first, int64_t b, int64_t h, int64_t i0, float* s, float* o, float* m, float* l) {
   const int64_t rows = std::min(kTile, d.T - i0);
   const int64_t g = h / d.group();
   const float* qi = q + ((b * d.T + i0) * d.H + h) * d.D;  // (rows, D), ld H*D
@@ -59,24 +77,31 @@ void forward_tile(const Dims& d, const float* q, const float* k, const float* v,
   std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
   std::fill(l, l + rows, 0.0f);
 
-  // The first key tile gives every row at least one visible key, so m is finite after it.
-  for (int64_t j0 = 0; j0 < i0 + rows; j0 += kTile) {
+  // A row may see no key of a tile (a mask): it skips the tile. Every row sees its own key, so m
+  // is finite at the end.
+  for (int64_t j0 = first ? first[i0] / kTile * kTile : 0; j0 < i0 + rows; j0 += kTile) {
     const int64_t cols = std::min(kTile, i0 + rows - j0);
     // s (rows, cols) = scale * q_i · k_jᵀ
     sgemm(false, true, rows, cols, d.D, scale, qi, d.q_ld(), kb + j0 * d.kv_ld(), d.kv_ld(), 0.0f, s, kTile);
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = s + r * kTile;
+      const int64_t lo = first ? std::max<int64_t>(0, first[i0 + r] - j0) : 0;
       const int64_t vis = visible_cols(i0, j0, r, cols);
+      if (lo >= vis) {  // no key of this tile
+        std::fill(sr, sr + cols, 0.0f);
+        continue;
+      }
       float mx = m[r];
 #pragma omp simd reduction(max : mx)
-      for (int64_t c = 0; c < vis; ++c) mx = std::max(mx, sr[c]);
+      for (int64_t c = lo; c < vis; ++c) mx = std::max(mx, sr[c]);
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < vis; ++c) {
+      for (int64_t c = lo; c < vis; ++c) {
         sr[c] = simd_exp(sr[c] - mx);
         sum += sr[c];
       }
-      std::fill(sr + vis, sr + cols, 0.0f);  // masked keys contribute exactly 0
+      std::fill(sr, sr + lo, 0.0f);  // masked keys contribute exactly 0
+      std::fill(sr + vis, sr + cols, 0.0f);
       // Online softmax: the accumulator and the sum were relative to the old max m[r].
       const float corr = std::exp(m[r] - mx);
       if (corr != 1.0f) {
@@ -101,10 +126,10 @@ void forward_tile(const Dims& d, const float* q, const float* k, const float* v,
 }
 
 // Everything of kv head g of batch b: dk, dv of that head and dq of the query heads of its group.
-// di (group, T), p and ds (kTile, kTile) are the thread's scratch.
+// first as in forward_tile. di (group, T), p and ds (kTile, kTile) are the thread's scratch.
 void backward_group(const Dims& d, const float* q, const float* k, const float* v, const float* out, const float* lse,
-                    const float* dout, float scale, float* dq, float* dk, float* dv, int64_t b, int64_t g, float* di,
-                    float* p, float* ds) {
+                    const float* dout, float scale, float* dq, float* dk, float* dv, const int32_t* first, int64_t b,
+                    int64_t g, float* di, float* p, float* ds) {
   const int64_t G = d.group();
   const int64_t q_ld = d.q_ld(), kv_ld = d.kv_ld();
   const int64_t h_first = g * G;
@@ -134,8 +159,10 @@ void backward_group(const Dims& d, const float* q, const float* k, const float* 
     float* dvj = dv + kv_off;
     for (int64_t hi = 0; hi < G; ++hi) {
       const int64_t h = h_first + hi;
-      // Queries before j0 see none of these keys; query tiles start at j0.
+      // Queries before j0 see none of these keys; query tiles start at j0. With a mask they end
+      // where the first query of a tile starts after these keys (first never decreases).
       for (int64_t i0 = j0; i0 < d.T; i0 += kTile) {
+        if (first && first[i0] >= j0 + cols) break;
         const int64_t rows = std::min(kTile, d.T - i0);
         const int64_t q_off = ((b * d.T + i0) * d.H + h) * d.D;
         const float* qi = q + q_off;  // (rows, D), ld H*D
@@ -148,10 +175,12 @@ void backward_group(const Dims& d, const float* q, const float* k, const float* 
         sgemm(false, true, rows, cols, d.D, scale, qi, q_ld, kj, kv_ld, 0.0f, p, kTile);
         for (int64_t r = 0; r < rows; ++r) {
           float* pr = p + r * kTile;
-          const int64_t vis = visible_cols(i0, j0, r, cols);
+          const int64_t lo = first ? std::min(cols, std::max<int64_t>(0, first[i0 + r] - j0)) : 0;
+          const int64_t vis = std::max(lo, visible_cols(i0, j0, r, cols));
           const float lr = lse_i[r];
 #pragma omp simd
-          for (int64_t c = 0; c < vis; ++c) pr[c] = simd_exp(pr[c] - lr);
+          for (int64_t c = lo; c < vis; ++c) pr[c] = simd_exp(pr[c] - lr);
+          std::fill(pr, pr + lo, 0.0f);
           std::fill(pr + vis, pr + cols, 0.0f);
         }
         // dv_j (cols, D) += pᵀ · dout_i
@@ -176,9 +205,10 @@ void backward_group(const Dims& d, const float* q, const float* k, const float* 
 }  // namespace
 
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
-                   const Tensor& lse) {
+                   const Tensor& lse, const ops::AttentionMask& mask) {
   const Dims d = dims_of(q, k);
   if (d.B * d.T * d.H == 0) return;
+  const std::vector<int32_t> first = first_keys(d, mask);
   const float* pq = q.data<float>();
   const float* pk = k.data<float>();
   const float* pv = v.data<float>();
@@ -194,16 +224,19 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scal
     for (int64_t item = 0; item < nt * heads; ++item) {
       const int64_t it = nt - 1 - item / heads;
       const int64_t bh = item % heads;
-      forward_tile(d, pq, pk, pv, scale, pout, plse, bh / d.H, bh % d.H, it * kTile, s.data(), o.data(), m.data(),
-                   l.data());
+      const int64_t b = bh / d.H;
+      forward_tile(d, pq, pk, pv, scale, pout, plse, first.empty() ? nullptr : first.data() + b * d.T, b, bh % d.H,
+                   it * kTile, s.data(), o.data(), m.data(), l.data());
     }
   }
 }
 
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                   const ops::AttentionMask& mask) {
   const Dims d = dims_of(q, k);
   if (d.B * d.T == 0) return;
+  const std::vector<int32_t> first = first_keys(d, mask);
   const float* pq = q.data<float>();
   const float* pk = k.data<float>();
   const float* pv = v.data<float>();
@@ -219,8 +252,9 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     std::vector<float> di(d.group() * d.T), p(kTile * kTile), ds(kTile * kTile);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < groups; ++item) {
-      backward_group(d, pq, pk, pv, pout, plse, pdout, scale, pdq, pdk, pdv, item / d.Hkv, item % d.Hkv, di.data(),
-                     p.data(), ds.data());
+      const int64_t b = item / d.Hkv;
+      backward_group(d, pq, pk, pv, pout, plse, pdout, scale, pdq, pdk, pdv,
+                     first.empty() ? nullptr : first.data() + b * d.T, b, item % d.Hkv, di.data(), p.data(), ds.data());
     }
   }
 }

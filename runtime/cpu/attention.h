@@ -13,13 +13,18 @@
 // (B, T, H, D) tensors.
 #pragma once
 
+// Masks (ops::AttentionMask): query i of a row sees keys [first_i, i], first_i the later of its
+// document's start and i - window + 1; key tiles wholly before first of a query tile's first row
+// are skipped (first_i does not decrease along a row).
+#include "runtime/ops.h"
 #include "runtime/tensor.h"
 
 namespace moeforge::cpu {
 
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
-                   const Tensor& lse);
+                   const Tensor& lse, const ops::AttentionMask& mask);
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv);
+                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                   const ops::AttentionMask& mask);
 
 }  // namespace moeforge::cpu

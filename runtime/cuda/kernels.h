@@ -66,10 +66,13 @@ void cross_entropy_bwd(const Tensor& logits, const Tensor& targets, const Tensor
                        const Tensor& dlogits, int64_t vocab_start, int64_t valid_cols);
 
 // ---- attention (attention.cu) ----
+// A mask other than plain causal runs on the fused bf16 kernels only (their window and packed
+// documents); the f32 kernels refuse it.
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
-                   const Tensor& lse);
+                   const Tensor& lse, const ops::AttentionMask& mask);
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv);
+                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                   const ops::AttentionMask& mask);
 
 // ---- fused bf16 attention (flash_attention*.cu, ops_flash_attention.cpp) ----
 // attention_fwd and attention_bwd above run it for bf16 q, k, v (head dim 64 or 128); f32 tensors

@@ -171,9 +171,50 @@ launch::AttentionDims attention_dims(const char* op, const Tensor& q, const Tens
 }
 }  // namespace
 
+namespace {
+
+// The fused kernels' options for a mask. With documents they run on the rows flattened (packed
+// sequences: q (B * T, H, D), the same memory) and keep lse as (H, B * T).
+FlashOptions flash_options(const ops::AttentionMask& mask) {
+  return {mask.window, mask.cu_seqlens, mask.max_seqlen};
+}
+
+// q-like (B, T, X, D) as (B * T, X, D): a view.
+Tensor packed(const Tensor& t) { return t.reshape({t.dim(0) * t.dim(1), t.dim(2), t.dim(3)}); }
+
+// lse (B, H, T) <-> the packed kernels' (H, B * T): one strided copy per row b.
+void repack_lse(const Tensor& from, const Tensor& to, bool to_packed) {
+  const Tensor& dense = to_packed ? from : to;
+  const int64_t B = dense.dim(0), H = dense.dim(1), T = dense.dim(2);
+  const size_t row = static_cast<size_t>(T) * sizeof(float);
+  for (int64_t b = 0; b < B; ++b) {
+    float* d = to.data<float>() + (to_packed ? b * T : b * H * T);
+    const float* s = from.data<float>() + (to_packed ? b * H * T : b * T);
+    MOE_CUDA_CHECK(cudaMemcpy2DAsync(d, to_packed ? B * row : row, s, to_packed ? row : B * row, row,
+                                     static_cast<size_t>(H), cudaMemcpyDeviceToDevice, stream_of(from)));
+  }
+}
+
+void check_f32_mask(const char* op, const ops::AttentionMask& mask) {
+  MOE_CHECK(mask.plain(),
+            "{}: the f32 CUDA attention takes plain causal attention only; a window or packed documents run on the "
+            "fused bf16 kernels (train.precision: BF16)",
+            op);
+}
+
+}  // namespace
+
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scale, const Tensor& out,
-                   const Tensor& lse) {
-  if (q.dtype() == DType::kBF16) return flash_attention_fwd(q, k, v, scale, out, lse);
+                   const Tensor& lse, const ops::AttentionMask& mask) {
+  if (q.dtype() == DType::kBF16) {
+    if (!mask.cu_seqlens.defined()) return flash_attention_fwd(q, k, v, scale, out, lse, flash_options(mask));
+    const int64_t B = q.dim(0), H = q.dim(2), T = q.dim(1);
+    const Tensor lse_packed = B == 1 ? lse.reshape({H, T}) : Tensor::empty({H, B * T}, DType::kF32, q.device());
+    flash_attention_fwd(packed(q), packed(k), packed(v), scale, packed(out), lse_packed, flash_options(mask));
+    if (B > 1) repack_lse(lse_packed, lse, /*to_packed=*/false);
+    return;
+  }
+  check_f32_mask("attention_fwd", mask);
   const launch::AttentionDims d = attention_dims("attention_fwd", q, k);
   if (d.B * d.H * d.T == 0) return;
   MOE_CUDA_CHECK(launch::attention_fwd(d, q.data<float>(), k.data<float>(), v.data<float>(), scale, out.data<float>(),
@@ -181,8 +222,22 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, float scal
 }
 
 void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
-  if (q.dtype() == DType::kBF16) return flash_attention_bwd(q, k, v, out, lse, dout, scale, dq, dk, dv);
+                   const Tensor& dout, float scale, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                   const ops::AttentionMask& mask) {
+  if (q.dtype() == DType::kBF16) {
+    if (!mask.cu_seqlens.defined())
+      return flash_attention_bwd(q, k, v, out, lse, dout, scale, dq, dk, dv, flash_options(mask));
+    const int64_t B = q.dim(0), H = q.dim(2), T = q.dim(1);
+    Tensor lse_packed = lse.reshape({H, T});
+    if (B > 1) {
+      lse_packed = Tensor::empty({H, B * T}, DType::kF32, q.device());
+      repack_lse(lse, lse_packed, /*to_packed=*/true);
+    }
+    flash_attention_bwd(packed(q), packed(k), packed(v), packed(out), lse_packed, packed(dout), scale, packed(dq),
+                        packed(dk), packed(dv), flash_options(mask));
+    return;
+  }
+  check_f32_mask("attention_bwd", mask);
   const launch::AttentionDims d = attention_dims("attention_bwd", q, k);
   if (d.B * d.H * d.T == 0) return;
   const Tensor delta = Tensor::empty({d.B, d.H, d.T}, DType::kF32, q.device());

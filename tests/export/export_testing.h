@@ -39,10 +39,12 @@ inline std::string overrides_flags(const std::vector<std::string>& o) {
   return s;
 }
 
-// Prepares data in `dir` and trains into <dir>/ckpt; returns the step directory.
-inline std::string train_checkpoint(const std::string& dir) {
+// Prepares data in `dir` and trains into <dir>/ckpt (more overrides: `extra`); returns the step
+// directory.
+inline std::string train_checkpoint(const std::string& dir, const std::vector<std::string>& extra = {}) {
   prepare_corpus(dir);
   std::vector<std::string> o = tiny_overrides(dir, export_model_overrides());
+  o.insert(o.end(), extra.begin(), extra.end());
   o.push_back("checkpoint.dir=" + dir + "/ckpt");
   o.push_back("logging.jsonl=true");
   o.push_back("train.log_every=1");

@@ -195,8 +195,10 @@ TEST_F(Export, ImportRefusesBadFolders) {
             std::string::npos)
       << import_error();
   testing::write_file(dir_ / "hf/config.json", std::regex_replace(config, std::regex("\"sliding_window\": null"),
-                                                                  "\"sliding_window\": 4096"));
-  EXPECT_NE(import_error().find("sets sliding_window 4096"), std::string::npos) << import_error();
+                                                                  "\"sliding_window\": -5"));
+  EXPECT_NE(import_error().find("config.json 'sliding_window' must be a positive integer, got -5"),
+            std::string::npos)
+      << import_error();
   testing::write_file(dir_ / "hf/config.json", config);
   // A truncated shard: the strict reader names it.
   fs::resize_file(dir_ / "hf/model-00002-of-00002.safetensors", 1000);
@@ -281,6 +283,29 @@ TEST(ExportRefusal, WhatMixtralCannotExpress) {
   EXPECT_NE(testing::error_of([&] { check_mixtral_expressible(c, "HF Mixtral"); }).find("dense FFN"),
             std::string::npos);
   EXPECT_EQ(testing::error_of([&] { check_mixtral_expressible(ModelConfig{}, "HF Mixtral"); }), "<no error>");
+}
+
+// A sliding window goes to config.json and comes back from it (HF Mixtral/Mistral: a query sees
+// the sliding_window most recent tokens, itself included, as moeforge's model.sliding_window);
+// GGUF's llama architecture has no window, so that export is refused.
+TEST(ExportLayout, SlidingWindowRoundTripsThroughConfigJsonAndGgufRefusesIt) {
+  ModelConfig c;
+  const HfModel plain = model_from_mixtral_config(mixtral_config_json(c, 256, "bfloat16"), "plain");
+  EXPECT_EQ(plain.model.sliding_window, 0);
+  c.sliding_window = 96;
+  const nlohmann::ordered_json j = mixtral_config_json(c, 256, "bfloat16");
+  EXPECT_EQ(j["sliding_window"], 96);
+  EXPECT_EQ(model_from_mixtral_config(j, "windowed").model.sliding_window, 96);
+  const testing::TempDir dir;
+  const std::string step = testing::train_checkpoint(dir.str(), {"model.sliding_window=16"});
+  ReleaseInfo r;
+  r.model = model_config_from(read_manifest(step).config());
+  EXPECT_EQ(r.model.sliding_window, 16);
+  r.max_seq_len = 256;
+  EXPECT_EQ(testing::error_of([&] { export_gguf(step, r, {.out_path = step + "/m.gguf"}); }),
+            "cannot export to GGUF llama: the model attends through a sliding window of 16 tokens "
+            "(model.sliding_window), which llama.cpp's llama architecture does not apply; export to HF safetensors "
+            "instead (config.json carries sliding_window)");
 }
 
 TEST(ExportLayout, QkPermutationMatchesLlamaCpp) {

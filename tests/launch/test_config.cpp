@@ -231,6 +231,11 @@ TEST(ConfigErrors, ModelFields) {
             "bad.pbtxt:1: model.n_shared_experts: must be >= 0, got -1");
   EXPECT_EQ(config_error("model {\n  norm_eps: nan\n}\ndata { train: \"d\" }\n"),
             "bad.pbtxt:2: model.norm_eps: must be > 0, got nan");
+  EXPECT_EQ(config_error(kMinimal, {"model.sliding_window=-4"}),
+            "--set model.sliding_window=-4: model.sliding_window: must be >= 0, got -4");
+  EXPECT_EQ(config_error(kMinimal, {"model.document_start_token=259"}),
+            "--set model.document_start_token=259: model.document_start_token: must be -1 (off) or a token id in "
+            "[0, model.vocab_size = 259), got 259");
 }
 
 TEST(ConfigErrors, ParallelLayout) {
@@ -371,7 +376,8 @@ TEST(ModelConfigFrom, MapsEveryField) {
   const RunConfig run = parse_run_config(
       "model { vocab_size: 300 dim: 96 n_layers: 3 n_heads: 6 n_kv_heads: 3 n_experts: 5 top_k: 3 "
       "expert_hidden: 40 n_shared_experts: 1 gating: SIGMOID_TOPK rope_theta: 5e5 norm_eps: 1e-6 "
-      "tie_embeddings: true aux_loss_coef: 0.03 z_loss_coef: 0.002 init_std: 0.01 recompute: true }\n"
+      "tie_embeddings: true aux_loss_coef: 0.03 z_loss_coef: 0.002 init_std: 0.01 recompute: true "
+      "sliding_window: 512 document_start_token: 256 }\n"
       "data { train: \"d\" }\n",
       "m.pbtxt", {});
   const ModelConfig m = model_config_from(run);
@@ -393,6 +399,8 @@ TEST(ModelConfigFrom, MapsEveryField) {
   EXPECT_FLOAT_EQ(m.z_loss_coef, 0.002f);
   EXPECT_FLOAT_EQ(m.init_std, 0.01f);
   EXPECT_TRUE(m.recompute);
+  EXPECT_EQ(m.sliding_window, 512);
+  EXPECT_EQ(m.document_start_token, 256);
 
   // Not yet validated: head_dim 0 is still read as dim / n_heads; the default gating is softmax.
   RunConfig raw;

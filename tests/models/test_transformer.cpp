@@ -72,6 +72,12 @@ std::vector<RefCase> reference_cases() {
   d.top_k = 3;
   d.n_experts = 5;
   cases.push_back({"sigmoid_top3", d, 2, 11});
+  // Attention masks: a window of 5 and documents started by token 3 (the test puts it at
+  // positions 4 and 11 of every row, besides where the random tokens hold it).
+  ModelConfig e = base_config();
+  e.sliding_window = 5;
+  e.document_start_token = 3;
+  cases.push_back({"window5_documents", e, 2, 17});
   return cases;
 }
 
@@ -91,7 +97,9 @@ nlohmann::json config_json(const ModelConfig& c) {
           {"norm_eps", c.norm_eps},
           {"tie_embeddings", c.tie_embeddings},
           {"aux_loss_coef", c.aux_loss_coef},
-          {"z_loss_coef", c.z_loss_coef}};
+          {"z_loss_coef", c.z_loss_coef},
+          {"sliding_window", c.sliding_window},
+          {"document_start_token", c.document_start_token}};
 }
 
 void PrintTo(const RefCase& c, std::ostream* os) { *os << c.name; }
@@ -103,6 +111,10 @@ TEST_P(TransformerReference, LossAndGradientsMatchPyTorch) {
   MoeTransformer model(rc.cfg);
   model.registry().init(1234);
   const Tensor tokens = random_ints({rc.batch, rc.seq}, 7, 0, static_cast<int32_t>(rc.cfg.vocab_size));
+  if (rc.cfg.document_start_token >= 0)
+    for (int64_t b = 0; b < rc.batch; ++b)
+      for (const int64_t t : {int64_t{4}, int64_t{11}})
+        if (t < rc.seq) tokens.data<int32_t>()[b * rc.seq + t] = rc.cfg.document_start_token;
   Tensor targets = random_ints({rc.batch, rc.seq}, 8, 0, static_cast<int32_t>(rc.cfg.vocab_size));
   targets.data<int32_t>()[3] = -1;  // one ignored position
 

@@ -32,6 +32,7 @@ CONFIG_KEYS = {
     "head_dim": int, "n_experts": int, "top_k": int, "expert_hidden": int,
     "n_shared_experts": int, "gating": str, "rope_theta": float, "norm_eps": float,
     "tie_embeddings": bool, "aux_loss_coef": float, "z_loss_coef": float,
+    "sliding_window": int, "document_start_token": int,
 }
 GATINGS = ("softmax_topk", "sigmoid_topk")
 
@@ -166,7 +167,22 @@ def rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def attention(a, p, cfg, cos, sin):
+def visible_keys(tokens, cfg):
+    """(B, T, T) bool: query i may see key j. Causal; with a window, i - j < window; with a
+    document start token, only keys of the same document, numbered by counting start tokens."""
+    B, T = tokens.shape
+    i = torch.arange(T).view(T, 1)
+    j = torch.arange(T).view(1, T)
+    allowed = (j <= i).expand(B, T, T).clone()
+    if cfg["sliding_window"] > 0:
+        allowed &= (i - j) < cfg["sliding_window"]
+    if cfg["document_start_token"] >= 0:
+        doc = torch.cumsum((tokens == cfg["document_start_token"]).long(), dim=1)  # (B, T)
+        allowed &= doc.unsqueeze(2) == doc.unsqueeze(1)
+    return allowed
+
+
+def attention(a, p, cfg, cos, sin, allowed):
     B, T, _ = a.shape
     H, Hkv, D = cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
     q = (a @ p["attn.wq"].T).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -178,8 +194,7 @@ def attention(a, p, cfg, cos, sin):
     k = k.repeat_interleave(H // Hkv, dim=1)  # (B, H, T, D)
     v = v.repeat_interleave(H // Hkv, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    probs = scores.masked_fill(~allowed.unsqueeze(1), float("-inf")).softmax(dim=-1)
     o = (probs @ v).transpose(1, 2).reshape(B, T, H * D)
     return o @ p["attn.wo"].T
 
@@ -235,13 +250,14 @@ def model_loss(params, tokens, targets, cfg):
     C, eps = cfg["dim"], cfg["norm_eps"]
     dtype = params["embed.weight"].dtype
     cos, sin = rope_tables(T, cfg["head_dim"], cfg["rope_theta"], dtype)
+    allowed = visible_keys(tokens, cfg)
     h = params["embed.weight"][tokens]  # (B, T, C)
     aux = z = 0.0
     experts, margin = [], float("inf")
     for i in range(cfg["n_layers"]):
         prefix = f"layers.{i}."
         p = {name[len(prefix):]: t for name, t in params.items() if name.startswith(prefix)}
-        h = h + attention(rmsnorm(h, p["attn_norm.weight"], eps), p, cfg, cos, sin)
+        h = h + attention(rmsnorm(h, p["attn_norm.weight"], eps), p, cfg, cos, sin, allowed)
         x = rmsnorm(h, p["moe_norm.weight"], eps).reshape(B * T, C)
         out, aux_i, z_i, top_idx, margin_i = moe(x, p, cfg)
         h = h + out.view(B, T, C)

@@ -52,6 +52,11 @@ struct Layout {
   // best router scores are within that resolution may pick another expert: loads are compared
   // in total only.
   bool bf16 = false;
+  // --mask: attention with a sliding window of 24 tokens and documents started by every newline
+  // (token 10: several per 64-token row), so windows and document bounds fall inside rows, at
+  // row starts and across the TP row split; with activation recomputation, so the backward's
+  // re-run forward takes the same mask.
+  bool mask = false;
 };
 Layout g_layout;
 MpiRuntime* g_mpi = nullptr;
@@ -78,10 +83,10 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
       /*collective_timeout_s=*/120.0);
   // Data: a small corpus prepared by rank 0 into a directory every rank reads.
   const fs::path dir = fs::temp_directory_path() /
-                       fmt::format("moeforge_layout_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}", g_layout.tp, g_layout.dp,
-                                   g_layout.ep, g_layout.zero, g_layout.capacity, g_layout.route, g_layout.pp,
-                                   g_layout.schedule, g_layout.vstages, g_layout.split, g_layout.dense, g_layout.tie,
-                                   g_layout.bf16);
+                       fmt::format("moeforge_layout_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}_{}", g_layout.tp,
+                                   g_layout.dp, g_layout.ep, g_layout.zero, g_layout.capacity, g_layout.route,
+                                   g_layout.pp, g_layout.schedule, g_layout.vstages, g_layout.split, g_layout.dense,
+                                   g_layout.tie, g_layout.bf16, g_layout.mask);
   if (!testing::prepare_shared_corpus(grid, dir)) GTEST_SKIP() << "no corpus at ../shared/data/tinyshakespeare.txt";
 
   // tiny, shortened: 8 sequences of 64 tokens per step in micro-batches of 2, so every layout
@@ -96,6 +101,8 @@ TEST(LayoutInvariance, MatchesSingleRankRun) {
   if (g_layout.capacity > 0) overrides.push_back("model.capacity_factor=" + std::to_string(g_layout.capacity));
   if (g_layout.dense > 0) overrides.push_back("model.n_dense_layers=" + std::to_string(g_layout.dense));
   if (g_layout.tie) overrides.push_back("model.tie_embeddings=true");
+  if (g_layout.mask) overrides.insert(overrides.end(), {"model.sliding_window=24", "model.document_start_token=10",
+                                                   "model.recompute=true"});
   if (g_layout.bf16) {
     // A tenth of tiny's learning rate: Adam turns a rounding-sized gradient difference into a
     // full-sized update difference for elements whose gradient is near zero, so the parameters'
@@ -216,8 +223,9 @@ int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
-    if (flag == "--tie" || flag == "--bf16") {  // the flags without a value
-      (flag == "--tie" ? moeforge::g_layout.tie : moeforge::g_layout.bf16) = true;
+    if (flag == "--tie" || flag == "--bf16" || flag == "--mask") {  // the flags without a value
+      (flag == "--tie" ? moeforge::g_layout.tie : flag == "--bf16" ? moeforge::g_layout.bf16 : moeforge::g_layout.mask) =
+          true;
       continue;
     }
     if (i + 1 == argc) break;
