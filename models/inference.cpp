@@ -1,5 +1,6 @@
 #include "models/inference.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -90,7 +91,7 @@ InferenceModel::InferenceModel(const ModelConfig& cfg, const ParamRegistry& reg,
     inv_freq_.push_back(std::pow(static_cast<double>(cfg.rope_theta), -2.0 * static_cast<double>(i) / static_cast<double>(D)));
 }
 
-void InferenceModel::attention(Layer& l, const Tensor& h) const {
+void InferenceModel::attention(Layer& l, const Tensor& h, const std::vector<int64_t>& first) const {
   const int64_t n = h.dim(0), C = cfg_.dim, D = cfg_.head_dim, H = cfg_.n_heads, Hkv = cfg_.n_kv_heads;
   const Tensor xn = Tensor::empty({n, C}, DType::kF32);
   const Tensor rstd = Tensor::empty({n}, DType::kF32);
@@ -104,8 +105,8 @@ void InferenceModel::attention(Layer& l, const Tensor& h) const {
   rope_at(q, pos_, inv_freq_);
   rope_at(k, pos_, inv_freq_);
 
-  // Query t (position pos + t) of head hq attends over cached positions [0, pos + t] of kv head
-  // hq / (H / Hkv), softmax of scale * q.k, max-subtracted.
+  // Query t (position pos + t) of head hq attends over cached positions [first[t], pos + t] of kv
+  // head hq / (H / Hkv), softmax of scale * q.k, max-subtracted.
   const Tensor out = Tensor::empty({n, H, D}, DType::kF32);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float* pq = q.data<float>();
@@ -116,12 +117,12 @@ void InferenceModel::attention(Layer& l, const Tensor& h) const {
 #pragma omp parallel for collapse(2) schedule(static) if (n * H * (pos + n) * D > (1 << 16))
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t hq = 0; hq < H; ++hq) {
-      const int64_t len = pos + t + 1, hk = hq / group;
+      const int64_t j0 = first[static_cast<size_t>(t)], len = pos + t + 1 - j0, hk = hq / group;
       const float* qi = pq + (t * H + hq) * D;
       std::vector<float> s(static_cast<size_t>(len));
       float mx = -INFINITY;
       for (int64_t j = 0; j < len; ++j) {
-        const float* kj = pk + (j * Hkv + hk) * D;
+        const float* kj = pk + ((j0 + j) * Hkv + hk) * D;
         float dot = 0.0f;
         for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
         s[static_cast<size_t>(j)] = dot * scale;
@@ -133,7 +134,7 @@ void InferenceModel::attention(Layer& l, const Tensor& h) const {
       std::fill(oi, oi + D, 0.0f);
       for (int64_t j = 0; j < len; ++j) {
         const float w = s[static_cast<size_t>(j)] / sum;
-        const float* vj = pv + (j * Hkv + hk) * D;
+        const float* vj = pv + ((j0 + j) * Hkv + hk) * D;
         for (int64_t d = 0; d < D; ++d) oi[d] += w * vj[d];
       }
     }
@@ -194,8 +195,17 @@ Tensor InferenceModel::forward(std::span<const int32_t> tokens) {
   const Tensor ids = Tensor::from_ints({n}, tokens);
   const Tensor h = Tensor::empty({n, C}, DType::kF32);
   ops::embedding_fwd(ids, *embed_, h);
+  // The keys each new token sees: its document's (model.document_start_token), within the window.
+  std::vector<int64_t> first(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) {
+    if (cfg_.document_start_token >= 0 && tokens[static_cast<size_t>(t)] == cfg_.document_start_token)
+      doc_start_ = pos_ + t;
+    first[static_cast<size_t>(t)] = doc_start_;
+    if (cfg_.sliding_window > 0)
+      first[static_cast<size_t>(t)] = std::max(first[static_cast<size_t>(t)], pos_ + t - cfg_.sliding_window + 1);
+  }
   for (Layer& l : layers_) {
-    attention(l, h);
+    attention(l, h, first);
     ffn(l, h);
   }
   const Tensor f = Tensor::empty({n, C}, DType::kF32);

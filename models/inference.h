@@ -35,7 +35,10 @@ class InferenceModel {
   int64_t position() const { return pos_; }
   int64_t max_positions() const { return max_pos_; }
   // Empties the cache: the next forward() starts at position 0.
-  void reset() { pos_ = 0; }
+  void reset() {
+    pos_ = 0;
+    doc_start_ = 0;
+  }
   const ModelConfig& config() const { return cfg_; }
 
  private:
@@ -49,12 +52,14 @@ class InferenceModel {
     const Tensor *s_w1 = nullptr, *s_w3 = nullptr, *s_w2 = nullptr;  // shared experts (S*F, C), (C, S*F)
     Tensor k_cache, v_cache;  // (Tmax, Hkv, D)
   };
-  void attention(Layer& l, const Tensor& h) const;
+  // first[t]: the first cached position new token t sees (its document's start, or the window's).
+  void attention(Layer& l, const Tensor& h, const std::vector<int64_t>& first) const;
   void ffn(const Layer& l, const Tensor& h) const;
 
   ModelConfig cfg_;
   int64_t max_pos_;
   int64_t pos_ = 0;
+  int64_t doc_start_ = 0;  // position of the last document_start_token seen (model.document_start_token)
   const Tensor* embed_;       // (V, C)
   const Tensor* final_norm_;  // (C)
   const Tensor* head_;        // (V, C): lm_head, or embed when tied

@@ -36,6 +36,10 @@ ModelConfig small(int variant) {
     c.n_dense_layers = 1;
     c.dense_hidden = 40;
   }
+  if (variant == 3) {  // attention masks: a window of 6, documents started by token 7
+    c.sliding_window = 6;
+    c.document_start_token = 7;
+  }
   return c;
 }
 
@@ -53,6 +57,8 @@ TEST_P(Inference, CachedDecodeMatchesFullForward) {
   }
   const int64_t T = 23, V = cfg.vocab_size;
   const Tensor tokens = testing::random_ints({1, T}, 5, 0, static_cast<int32_t>(V));
+  if (cfg.document_start_token >= 0)  // documents from positions 5 (inside the prompt) and 14
+    for (const int64_t t : {int64_t{5}, int64_t{14}}) tokens.data<int32_t>()[t] = cfg.document_start_token;
   const std::vector<float> want = model.logits(tokens).to_floats();
   const std::span<const int32_t> ids(tokens.data<int32_t>(), static_cast<size_t>(T));
 
@@ -76,7 +82,7 @@ TEST_P(Inference, CachedDecodeMatchesFullForward) {
   testing::expect_close(got, ref, 1e-5, 1e-5, "chunked decode");
 }
 
-INSTANTIATE_TEST_SUITE_P(Variants, Inference, ::testing::Values(0, 1, 2));
+INSTANTIATE_TEST_SUITE_P(Variants, Inference, ::testing::Values(0, 1, 2, 3));
 
 TEST(InferenceErrors, CacheOverflowAndShardedRegistry) {
   const ModelConfig cfg = small(0);
