@@ -392,6 +392,58 @@ TEST(GpuBf16, AttentionThroughTheCatalogMatchesTheCpuBf16Op) {
   EXPECT_BF16_CLOSE(gdv, dv);
 }
 
+// Masks through the catalog: the window alone (dense kernels), documents (packed kernels on the
+// flattened rows, lse repacked for B > 1, a view for B = 1), both; against the CPU bf16 op with
+// the same mask. The f32 CUDA kernel refuses a mask.
+TEST(GpuBf16, MaskedAttentionThroughTheCatalogMatchesTheCpuBf16Op) {
+  MOE_REQUIRE_GPU();
+  struct Case {
+    int64_t b, t, window;
+    std::vector<int32_t> cu;  // empty: no documents
+  };
+  for (const Case& c : std::vector<Case>{{2, 77, 20, {}},
+                                        {2, 77, 0, {0, 30, 31, 77, 140, 154}},
+                                        {1, 130, 0, {0, 64, 65, 130}},
+                                        {2, 100, 33, {0, 70, 100, 101, 200}}}) {
+    SCOPED_TRACE(::testing::Message() << "B " << c.b << " T " << c.t << " window " << c.window << " documents "
+                                      << (c.cu.empty() ? 0 : c.cu.size() - 1));
+    const int64_t h = 4, hkv = 2, d = 64;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    ops::AttentionMask mask;
+    mask.window = c.window;
+    if (!c.cu.empty()) {
+      mask.cu_seqlens = Tensor::from_ints({std::ssize(c.cu)}, c.cu);
+      for (size_t i = 0; i + 1 < c.cu.size(); ++i) mask.max_seqlen = std::max<int64_t>(mask.max_seqlen, c.cu[i + 1] - c.cu[i]);
+    }
+    ops::AttentionMask gmask = mask;
+    if (mask.cu_seqlens.defined()) gmask.cu_seqlens = to_gpu(mask.cu_seqlens);
+    const Tensor q = rnd({c.b, c.t, h, d}, 90, kBF16), k = rnd({c.b, c.t, hkv, d}, 91, kBF16),
+                 v = rnd({c.b, c.t, hkv, d}, 92, kBF16), dout = rnd({c.b, c.t, h, d}, 93, kBF16);
+    Tensor out = Tensor::empty(q.shape(), kBF16), lse = Tensor::empty({c.b, h, c.t}, kF32);
+    ops::attention_fwd(q, k, v, scale, out, lse, mask);
+    const Tensor gq = to_gpu(q), gk = to_gpu(k), gv = to_gpu(v);
+    const Tensor gout = poisoned(q.shape(), kBF16), glse = poisoned({c.b, h, c.t});
+    ops::attention_fwd(gq, gk, gv, scale, gout, glse, gmask);
+    EXPECT_BF16_CLOSE(gout, out);
+    EXPECT_GPU_CLOSE(glse, lse, kBF16Tol);
+    Tensor dq = Tensor::empty(q.shape(), kBF16), dk = Tensor::empty(k.shape(), kBF16), dv = Tensor::empty(v.shape(), kBF16);
+    ops::attention_bwd(q, k, v, out, lse, dout, scale, dq, dk, dv, mask);
+    const Tensor gdq = poisoned(q.shape(), kBF16), gdk = poisoned(k.shape(), kBF16), gdv = poisoned(v.shape(), kBF16);
+    ops::attention_bwd(gq, gk, gv, gout, glse, to_gpu(dout), scale, gdq, gdk, gdv, gmask);
+    EXPECT_BF16_CLOSE(gdq, dq);
+    EXPECT_BF16_CLOSE(gdk, dk);
+    EXPECT_BF16_CLOSE(gdv, dv);
+  }
+  ops::AttentionMask window;
+  window.window = 8;
+  const Tensor q32 = to_gpu(random_tensor({1, 16, 2, 64}, 94)), k32 = to_gpu(random_tensor({1, 16, 2, 64}, 95));
+  EXPECT_EQ(testing::error_of([&] {
+              ops::attention_fwd(q32, k32, k32, 0.1f, poisoned(q32.shape()), poisoned({1, 2, 16}), window);
+            }),
+            "attention_fwd: the f32 CUDA attention takes plain causal attention only; a window or packed documents "
+            "run on the fused bf16 kernels (train.precision: BF16)");
+}
+
 // ---- permutation -----------------------------------------------------------------------------
 
 TEST(GpuBf16, PermuteAndUnpermuteBothWays) {
