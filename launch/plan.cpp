@@ -259,9 +259,12 @@ double chunk_forward_flops(const ModelConfig& cfg, const PlanLayout& l, const St
   const auto [first, end] = chunk_layers(d, r.pp_rank, c);
   for (int i = first; i < end; ++i) {
     // q, k, v, o projections over all N rows for this rank's heads; causal attention: QK^T and
-    // PV over T/2 keys on average.
+    // PV over T/2 keys on average, or with a sliding window W < T over min(i + 1, W) keys at
+    // query i (documents are not known here: their mask is not counted).
     f += 2 * N * C * static_cast<double>((2 * d.Hl + 2 * d.Hkvl) * d.D);
-    f += 2 * N * T * static_cast<double>(d.Hl) * D;
+    const double W = static_cast<double>(cfg.sliding_window);
+    const double keys = W > 0 && W < T ? (W * (W + 1) / 2 + (T - W) * W) / T : T / 2;
+    f += 4 * N * keys * static_cast<double>(d.Hl) * D;
     if (is_moe(cfg, i)) {
       f += 2 * Nl * C * static_cast<double>(d.E);                   // router
       f += 6 * rows.received * C * static_cast<double>(d.F);        // routed experts (w1, w3, w2)

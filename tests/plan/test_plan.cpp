@@ -58,6 +58,23 @@ void expect_model_matches(const ModelConfig& cfg, int64_t B, int64_t T) {
 
 TEST(PlanModel, ActivationsAndParametersOfMoeLayers) { expect_model_matches(small_model(), 2, 5); }
 
+// Attention FLOPs with a sliding window: the difference to plain causal attention is the
+// score and PV products of the keys the window hides, counted query by query.
+TEST(PlanModel, SlidingWindowCountsTheKeysItKeeps) {
+  ModelConfig cfg = small_model();
+  const PlanLayout layout{.micro_batch = 2};
+  const StepShape shape{2, 64};
+  const ExpertRows rows{0, 0, 2.0 * 64 * cfg.top_k};
+  const double plain = chunk_forward_flops(cfg, layout, shape, RankCoord{}, 0, rows);
+  cfg.sliding_window = 16;
+  const double windowed = chunk_forward_flops(cfg, layout, shape, RankCoord{}, 0, rows);
+  double hidden = 0;  // keys per row: causal T/2 on average (as the planner counts) minus min(i + 1, W)
+  for (int i = 0; i < 64; ++i) hidden += 64.0 / 2 - std::min(i + 1, 16);
+  EXPECT_DOUBLE_EQ(plain - windowed, 4.0 * 2 * hidden * cfg.n_heads * cfg.head_dim * cfg.n_layers);
+  cfg.sliding_window = 64;  // a window of T hides nothing
+  EXPECT_DOUBLE_EQ(chunk_forward_flops(cfg, layout, shape, RankCoord{}, 0, rows), plain);
+}
+
 TEST(PlanModel, RecomputeKeepsLayerInputs) {
   ModelConfig cfg = small_model();
   cfg.recompute = true;
