@@ -482,6 +482,27 @@ class Validator {
     non_negative("train.sample_temperature", t.sample_temperature());
     non_negative("train.threads", t.threads());
     // (train.device CUDA is checked where the GPU is chosen, launch/trainer.h: run_device.)
+    // A kernel choice applies to the fused bf16 attention on the GPU only; elsewhere it would be
+    // silently ignored.
+    if (t.attention_kernel() != config::TrainConfig::AUTO) {
+      const std::string kernel(config::TrainConfig::AttentionKernel_Name(t.attention_kernel()));
+      if (t.device() != config::TrainConfig::CUDA) {
+        origins_.fail({"train.attention_kernel", "train.device"},
+                      fmt::format("{} selects a kernel of the fused GPU attention and needs train.device: CUDA, got {}",
+                                  kernel, config::TrainConfig::Device_Name(t.device())));
+      }
+      if (t.precision() != config::TrainConfig::BF16) {
+        origins_.fail({"train.attention_kernel", "train.precision"},
+                      fmt::format("{} selects a kernel of the fused bf16 attention and needs train.precision: BF16, "
+                                  "got {} (fp32 attention runs the exact fp32 kernels)",
+                                  kernel, config::TrainConfig::Precision_Name(t.precision())));
+      }
+      if (t.attention_kernel() == config::TrainConfig::CUDNN && !cuda::cudnn_attention_built()) {
+        origins_.fail({"train.attention_kernel"},
+                      "CUDNN needs a moeforge built with cuDNN 9 (the CUDA backend with cudnn.h and libcudnn found at "
+                      "configure time); this one was built without it");
+      }
+    }
   }
 
   void optim() {
@@ -620,6 +641,18 @@ ModelConfig model_config_from(const config::RunConfig& run) {
   m.sliding_window = p.sliding_window();
   m.document_start_token = p.document_start_token();
   return m;
+}
+
+cuda::AttentionKernelChoice attention_kernel_from(const config::RunConfig& run) {
+  const config::TrainConfig::AttentionKernel k = run.train().attention_kernel();
+  const std::string origin = "train.attention_kernel: " + std::string(config::TrainConfig::AttentionKernel_Name(k));
+  switch (k) {
+    case config::TrainConfig::AUTO: return {};
+    case config::TrainConfig::MMA: return {cuda::AttentionKernel::kMma, origin};
+    case config::TrainConfig::WGMMA: return {cuda::AttentionKernel::kWgmma, origin};
+    case config::TrainConfig::CUDNN: return {cuda::AttentionKernel::kCudnn, origin};
+  }
+  MOE_THROW("train.attention_kernel: unknown value {}", static_cast<int>(k));
 }
 
 std::string to_text(const config::RunConfig& run) {

@@ -22,6 +22,7 @@
 #include "models/model_config.h"
 #include "models/pipeline_split.h"
 #include "parallel/pipeline_schedule.h"
+#include "runtime/cuda/attention_kernel.h"
 #include "runtime/error.h"
 
 namespace moeforge {
@@ -47,6 +48,9 @@ PipelineSplit pipeline_split_from(const config::RunConfig& run);
 PipelineSchedule pipeline_schedule_from(const config::RunConfig& run);
 // The model's hyper-parameters; head_dim 0 is taken as dim / n_heads.
 ModelConfig model_config_from(const config::RunConfig& run);
+// train.attention_kernel as the CUDA runtime's choice, its origin "train.attention_kernel: <VALUE>"
+// (kAuto has none).
+cuda::AttentionKernelChoice attention_kernel_from(const config::RunConfig& run);
 
 // The config as protobuf text (for logs / checkpoints), every field written out, defaults
 // included; parse_run_config reads it back unchanged.

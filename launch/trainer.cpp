@@ -99,6 +99,8 @@ Trainer::Trainer(const config::RunConfig& run, const ProcessGrid& grid) : run_(r
   MOE_CHECK(grid_.device().is_cuda() == (t.device() == config::TrainConfig::CUDA),
             "Trainer: train.device is {} but the process grid was created for {}",
             config::TrainConfig::Device_Name(t.device()), grid_.device().str());
+  // The fused attention's kernel (the environment's MOEFORGE_ATTENTION_KERNEL still overrides it).
+  cuda::set_attention_kernel(attention_kernel_from(run_));
   ModelConfig mc = model_config_from(run_);
   // BF16: bf16 weight copies and activations, fp32 masters, gradients and AdamW state.
   mc.compute_dtype = t.precision() == config::TrainConfig::BF16 ? DType::kBF16 : DType::kF32;

@@ -77,7 +77,9 @@ void attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
 // ---- fused bf16 attention (flash_attention*.cu, ops_flash_attention.cpp) ----
 // attention_fwd and attention_bwd above run it for bf16 q, k, v (head dim 64 or 128); f32 tensors
 // take the exact fp32 kernels of attention.cu. Called directly, it also takes packed sequences and
-// a sliding window (shapes and mask in runtime/cuda/attention_plan.h).
+// a sliding window (shapes and mask in runtime/cuda/attention_plan.h). The kernels that run are
+// chosen per runtime/cuda/attention_kernel.h: ours (mma.sync, wgmma) or cuDNN's fused attention
+// (runtime/cuda/cudnn_attention.h; dense tensors only).
 struct FlashOptions {
   int64_t window = 0;  // > 0: query i sees keys j with i - j < window (Mistral); 0: plain causal
   Tensor cu_seqlens;   // (B + 1) i32 cumulative lengths on the device, or undefined (dense)

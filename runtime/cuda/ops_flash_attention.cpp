@@ -3,13 +3,17 @@
 // the launch (runtime/cuda/attention_plan.h) against the device's shared-memory limit, allocates
 // the backward's delta scratch and checks the launch status. On a compute capability 9.0 device
 // (when built with 90 among the architectures) the wgmma + TMA kernels of
-// flash_attention_sm90*.cu run instead of the mma.sync ones (see use_wgmma).
+// flash_attention_sm90*.cu run instead of the mma.sync ones (see use_wgmma); cuDNN's fused
+// attention (cudnn_attention.h) runs when chosen (attention_kernel.h).
 #include <cstdint>
-#include <cstdlib>
 #include <initializer_list>
 #include <string>
 
+#include "runtime/cuda/attention_kernel.h"
 #include "runtime/cuda/cuda_check.h"
+#if MOEFORGE_WITH_CUDNN
+#include "runtime/cuda/cudnn_attention.h"
+#endif
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/kernels.h"
 #include "runtime/cuda/launchers.h"
@@ -97,20 +101,31 @@ std::string wgmma_unsupported(bool backward, const flash::Problem& p, int device
 }
 
 // The kernels: the wgmma ones where they can run (a compute capability 9.0 device, built with 90
-// among the architectures), else mma.sync. MOEFORGE_ATTENTION_KERNEL=mma|wgmma forces one kind
-// (benchmarks, tests); forcing wgmma where it cannot run is an error. Either backward reads the
-// lse either forward writes.
-bool use_wgmma(const char* op, bool backward, const flash::Problem& p, int device,
-               std::initializer_list<const Tensor*> tma_inputs, int64_t max_smem) {
-  const char* env = std::getenv("MOEFORGE_ATTENTION_KERNEL");
-  const std::string choice = env == nullptr ? "" : env;
-  MOE_CHECK(choice.empty() || choice == "mma" || choice == "wgmma",
-            "{}: MOEFORGE_ATTENTION_KERNEL is '{}', expected mma or wgmma (or unset)", op, choice);
-  if (choice == "mma") return false;
+// among the architectures), else mma.sync, unless the choice (attention_kernel.h:
+// MOEFORGE_ATTENTION_KERNEL=mma|wgmma|cudnn over train.attention_kernel) forces one; forcing wgmma
+// where it cannot run is an error naming the choice's origin. Either backward reads the lse either
+// forward writes. (cuDNN is taken before this: see run_cudnn.)
+bool use_wgmma(const char* op, const AttentionKernelChoice& choice, bool backward, const flash::Problem& p,
+               int device, std::initializer_list<const Tensor*> tma_inputs, int64_t max_smem) {
+  if (choice.kernel == AttentionKernel::kMma) return false;
   const std::string why = wgmma_unsupported(backward, p, device, tma_inputs, max_smem);
-  MOE_CHECK(choice != "wgmma" || why.empty(),
-            "{}: MOEFORGE_ATTENTION_KERNEL=wgmma, but the wgmma kernel cannot run: {}", op, why);
+  MOE_CHECK(choice.kernel != AttentionKernel::kWgmma || why.empty(), "{}: {}, but the wgmma kernel cannot run: {}",
+            op, choice.origin, why);
   return why.empty();
+}
+
+// cuDNN's fused attention on s.args (cudnn_attention.h), when the choice is cudnn; its errors
+// name the op and the choice's origin.
+void run_cudnn(const char* op, const AttentionKernelChoice& choice, bool backward, const Setup& s, int device) {
+  const std::string who = fmt::format("{} ({})", op, choice.origin);
+#if MOEFORGE_WITH_CUDNN
+  if (backward)
+    cudnn_attention::backward(who.c_str(), s.problem, s.args, device);
+  else
+    cudnn_attention::forward(who.c_str(), s.problem, s.args, device);
+#else
+  MOE_THROW("{}: cuDNN's fused attention was not built (configure found no cuDNN 9 in the CUDA toolkit)", who);
+#endif
 }
 
 }  // namespace
@@ -123,10 +138,12 @@ void flash_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, floa
   MOE_CHECK(out.shape() == q.shape(), "{}: out {} must have q's shape {}", op, out.shape().str(), q.shape().str());
   if (q.numel() == 0) return;
   const int device = q.device().index;
+  const AttentionKernelChoice choice = attention_kernel_for(op);
+  s.args.out = out.raw_data();
+  if (choice.kernel == AttentionKernel::kCudnn) return run_cudnn(op, choice, false, s, device);
   const int64_t max_smem = max_smem_optin(device);
   const flash::Plan plan = flash::plan_flash_attention(s.problem, max_smem);
-  s.args.out = out.raw_data();
-  if (use_wgmma(op, false, s.problem, device, {&q, &k, &v}, max_smem)) {
+  if (use_wgmma(op, choice, false, s.problem, device, {&q, &k, &v}, max_smem)) {
 #if MOEFORGE_WITH_SM90_ATTENTION
     MOE_CUDA_CHECK(launch::flash_attention_fwd_sm90(s.args, flash::sm90::plan_fwd(s.problem), stream(device)));
 #endif
@@ -149,16 +166,18 @@ void flash_attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, cons
             dk.shape().str(), dv.shape().str());
   if (q.numel() == 0) return;
   const int device = q.device().index;
-  const int64_t max_smem = max_smem_optin(device);
-  const flash::Plan plan = flash::plan_flash_attention(s.problem, max_smem);
-  const Tensor delta = Tensor::empty(lse.shape(), DType::kF32, q.device());
+  const AttentionKernelChoice choice = attention_kernel_for(op);
   s.args.out = out.raw_data();
   s.args.dout = dout.raw_data();
   s.args.dq = dq.raw_data();
   s.args.dk = dk.raw_data();
   s.args.dv = dv.raw_data();
+  if (choice.kernel == AttentionKernel::kCudnn) return run_cudnn(op, choice, true, s, device);
+  const int64_t max_smem = max_smem_optin(device);
+  const flash::Plan plan = flash::plan_flash_attention(s.problem, max_smem);
+  const Tensor delta = Tensor::empty(lse.shape(), DType::kF32, q.device());
   s.args.delta = delta.data<float>();
-  if (use_wgmma(op, true, s.problem, device, {&q, &k, &v, &dout}, max_smem)) {
+  if (use_wgmma(op, choice, true, s.problem, device, {&q, &k, &v, &dout}, max_smem)) {
 #if MOEFORGE_WITH_SM90_ATTENTION
     MOE_CUDA_CHECK(launch::flash_attention_bwd_sm90(s.args, flash::sm90::plan_bwd(s.problem), stream(device)));
 #endif

@@ -3,7 +3,8 @@
 // fp32 (and bf16 on the fp32 shape), the memory-bound ops' effective GB/s in fp32 and in bf16 (bytes each op must read and write, over its time)
 // as a fraction of the copy (routing: the fused gating with the losses' statistics, the fused
 // router backward, the counting-sort plan, permute and unpermute both ways), and the fused bf16
-// attention's TFLOP/s for T = 1k..16k. Times are
+// attention's TFLOP/s for T = 1k..16k (our mma.sync and wgmma kernels, and cuDNN's fused
+// attention beside them when built with cuDNN). Times are
 // medians of event-timed runs on the compute stream after warm-up. Prints one table;
 // scripts/gpu-check.sh runs it.
 //
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "runtime/cuda/adamw.h"
+#include "runtime/cuda/attention_kernel.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/device_alloc.h"
 #include "runtime/cuda/kernels.h"
@@ -289,15 +291,26 @@ int main(int argc, char** argv) {
       const double flops = 4.0 * b * h * d * t * t / 2;
       const std::string size = "T=" + std::to_string(t) + " B=" + std::to_string(b) + " H=16 D=128";
       // Each kernel kind the device runs (MOEFORGE_ATTENTION_KERNEL): mma.sync everywhere, wgmma
-      // on compute capability 9.0 when built.
-      for (const char* kernel : wgmma ? std::vector<const char*>{"mma", "wgmma"} : std::vector<const char*>{"mma"}) {
+      // on compute capability 9.0 when built, and cuDNN's fused attention (the baseline) when
+      // built with cuDNN; the first timed warm-up builds cuDNN's plan.
+      std::vector<const char*> kernels{"mma"};
+      if (wgmma) kernels.push_back("wgmma");
+      if (cuda::cudnn_attention_built()) kernels.push_back("cudnn");
+      for (const char* kernel : kernels) {
         setenv("MOEFORGE_ATTENTION_KERNEL", kernel, 1);
-        const double fwd = time_ms([&] { ops::attention_fwd(q, k, v, 0.088f, out, lse); }, quick ? 3 : 10);
-        rows.push_back({std::string("flash attn fwd bf16 ") + kernel, size, fwd, flops / fwd / 1e9, "TFLOP/s", -1});
-        const double bwd =
-            time_ms([&] { ops::attention_bwd(q, k, v, out, lse, dout, 0.088f, dq, dk, dv); }, quick ? 3 : 10);
-        rows.push_back({std::string("flash attn bwd bf16 ") + kernel, size, bwd, 2.5 * flops / bwd / 1e9, "TFLOP/s",
-                        -1});
+        // A size cuDNN cannot run (no engine) is reported and skipped: the baseline's gaps must not
+        // cost the rest of the table. Our kernels failing stays fatal.
+        try {
+          const double fwd = time_ms([&] { ops::attention_fwd(q, k, v, 0.088f, out, lse); }, quick ? 3 : 10);
+          rows.push_back({std::string("flash attn fwd bf16 ") + kernel, size, fwd, flops / fwd / 1e9, "TFLOP/s", -1});
+          const double bwd =
+              time_ms([&] { ops::attention_bwd(q, k, v, out, lse, dout, 0.088f, dq, dk, dv); }, quick ? 3 : 10);
+          rows.push_back({std::string("flash attn bwd bf16 ") + kernel, size, bwd, 2.5 * flops / bwd / 1e9,
+                          "TFLOP/s", -1});
+        } catch (const Error& e) {
+          if (std::strcmp(kernel, "cudnn") != 0) throw;
+          std::fprintf(stderr, "bench_cuda_ops: no cuDNN attention row for %s: %s\n", size.c_str(), e.what());
+        }
       }
       unsetenv("MOEFORGE_ATTENTION_KERNEL");
     }

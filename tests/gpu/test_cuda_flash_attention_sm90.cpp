@@ -231,7 +231,7 @@ TEST(GpuFlashAttentionSm90, ForcingTheKernelWhereItCannotRunIsAnError) {
   {
     KernelChoice bad("fast");
     EXPECT_EQ(testing::error_of([&] { cuda::flash_attention_fwd(q, q, q, 1.0f, out, lse); }),
-              "flash_attention_fwd: MOEFORGE_ATTENTION_KERNEL is 'fast', expected mma or wgmma (or unset)");
+              "flash_attention_fwd: MOEFORGE_ATTENTION_KERNEL is 'fast', expected mma, wgmma or cudnn (or unset)");
   }
   if (is_sm90() && kBuilt) return;  // it can run here: the tests above cover it (no skip: gpu-check counts skips)
   KernelChoice wgmma("wgmma");

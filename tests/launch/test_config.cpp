@@ -308,6 +308,59 @@ TEST(ConfigErrors, TrainAndOptim) {
   EXPECT_EQ(config_error(kMinimal, {"optim.eps=-1e-8"}), "--set optim.eps=-1e-8: optim.eps: must be > 0, got -1e-08");
 }
 
+// train.attention_kernel: a choice other than AUTO needs the GPU, bf16 and, for CUDNN, a build
+// with cuDNN; each rule names the fields.
+TEST(ConfigErrors, AttentionKernel) {
+  EXPECT_EQ(config_error(kMinimal, {"train.attention_kernel=CUDNN"}),
+            "--set train.attention_kernel=CUDNN: train.attention_kernel: CUDNN selects a kernel of the fused GPU "
+            "attention and needs train.device: CUDA, got CPU");
+  EXPECT_EQ(config_error("train {\n  device: CUDA\n  attention_kernel: MMA\n}\ndata { train: \"d\" }\n"),
+            "bad.pbtxt:3: train.attention_kernel: MMA selects a kernel of the fused bf16 attention and needs "
+            "train.precision: BF16, got FP32 (fp32 attention runs the exact fp32 kernels)");
+  // The rule points at the field set last: here the precision.
+  EXPECT_EQ(config_error("train {\n  device: CUDA\n  attention_kernel: WGMMA\n}\ndata { train: \"d\" }\n",
+                         {"train.precision=FP32"}),
+            "--set train.precision=FP32: train.attention_kernel: WGMMA selects a kernel of the fused bf16 attention "
+            "and needs train.precision: BF16, got FP32 (fp32 attention runs the exact fp32 kernels)");
+  const std::vector<std::string> gpu_bf16{"train.device=CUDA", "train.precision=BF16"};
+  for (const char* kernel : {"AUTO", "MMA", "WGMMA"}) {
+    std::vector<std::string> set = gpu_bf16;
+    set.push_back(std::string("train.attention_kernel=") + kernel);
+    EXPECT_EQ(config_error(kMinimal, set), "<no error>") << kernel;
+  }
+  std::vector<std::string> cudnn = gpu_bf16;
+  cudnn.push_back("train.attention_kernel=CUDNN");
+  EXPECT_EQ(config_error(kMinimal, cudnn),
+            cuda::cudnn_attention_built()
+                ? std::string("<no error>")
+                : std::string("--set train.attention_kernel=CUDNN: train.attention_kernel: CUDNN needs a moeforge "
+                              "built with cuDNN 9 (the CUDA backend with cudnn.h and libcudnn found at configure "
+                              "time); this one was built without it"));
+  EXPECT_EQ(config_error(kMinimal, {"train.attention_kernel=FAST"}),
+            "--set train.attention_kernel=FAST: not a value of moeforge.config.TrainConfig.AttentionKernel (AUTO, "
+            "MMA, WGMMA, CUDNN)");
+  // The default leaves the choice to the runtime (and to MOEFORGE_ATTENTION_KERNEL).
+  EXPECT_EQ(config_error(kMinimal, {"train.attention_kernel=MMA", "train.attention_kernel=AUTO"}), "<no error>");
+}
+
+TEST(AttentionKernelFrom, MapsEveryValueWithItsOrigin) {
+  RunConfig run;
+  EXPECT_EQ(attention_kernel_from(run).kernel, cuda::AttentionKernel::kAuto);
+  EXPECT_EQ(attention_kernel_from(run).origin, "");
+  const struct {
+    config::TrainConfig::AttentionKernel value;
+    cuda::AttentionKernel kernel;
+    const char* origin;
+  } cases[] = {{config::TrainConfig::MMA, cuda::AttentionKernel::kMma, "train.attention_kernel: MMA"},
+               {config::TrainConfig::WGMMA, cuda::AttentionKernel::kWgmma, "train.attention_kernel: WGMMA"},
+               {config::TrainConfig::CUDNN, cuda::AttentionKernel::kCudnn, "train.attention_kernel: CUDNN"}};
+  for (const auto& c : cases) {
+    run.mutable_train()->set_attention_kernel(c.value);
+    EXPECT_EQ(attention_kernel_from(run).kernel, c.kernel) << c.origin;
+    EXPECT_EQ(attention_kernel_from(run).origin, c.origin);
+  }
+}
+
 TEST(ConfigErrors, DataCheckpointLogging) {
   EXPECT_EQ(config_error(""), "bad.pbtxt: data.train: required (a directory written by `moeforge data prepare`)");
   EXPECT_EQ(config_error("data {\n  train: \"\"\n}\n"),
