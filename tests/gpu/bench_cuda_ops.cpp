@@ -4,8 +4,8 @@
 // as a fraction of the copy (routing: the fused gating with the losses' statistics, the fused
 // router backward, the counting-sort plan, permute and unpermute both ways), and the fused bf16
 // attention's TFLOP/s for T = 1k..16k (our mma.sync and wgmma kernels, and cuDNN's fused
-// attention beside them when built with cuDNN). Times are
-// medians of event-timed runs on the compute stream after warm-up. Prints one table;
+// attention beside them when built with cuDNN). Inputs are random (token ids spread over the
+// vocabulary); times are medians of event-timed runs on the compute stream after warm-up. Prints one table;
 // scripts/gpu-check.sh runs it.
 //
 //   bench_cuda_ops [--quick]
@@ -34,6 +34,30 @@ Tensor filled(const Shape& s, float v, DType dtype = DType::kF32) {
   Tensor t = Tensor::empty(s, dtype, kGpu);
   ops::fill(t, v);
   return t;
+}
+
+// Inputs: uniform in [-scale, scale) from a per-tensor seed (splitmix64), made on the host and
+// copied over. Constant inputs would make every router score tie (all tokens to the same
+// experts) and let the GPU run cooler than on real data.
+Tensor random(const Shape& s, uint64_t seed, float scale, DType dtype = DType::kF32) {
+  std::vector<float> v(static_cast<size_t>(s.numel()));
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (float& f : v) {
+    uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    f = scale * (2.0f * static_cast<float>(z >> 40) / static_cast<float>(1 << 24) - 1.0f);
+  }
+  const Tensor host = Tensor::from_floats(s, v);
+  return (dtype == DType::kF32 ? host : host.to(dtype)).to_device(kGpu);
+}
+
+// n token ids spread over [0, vocab) (a multiplicative hash: every row of the table is read).
+Tensor spread_ids(int64_t n, int64_t vocab) {
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<int32_t>((i * 2654435761u >> 5) % static_cast<uint64_t>(vocab));
+  return Tensor::from_ints({n}, v).to_device(kGpu);
 }
 
 // Median milliseconds of fn over `iters` timed runs after 2 warm-up runs.
@@ -94,7 +118,7 @@ int main(int argc, char** argv) {
   // ---- GEMM ----
   {
     const int64_t n = quick ? 4096 : 8192;
-    const Tensor a = filled({n, n}, 0.01f, DType::kBF16), b = filled({n, n}, 0.02f, DType::kBF16);
+    const Tensor a = random({n, n}, 1, 1.0f, DType::kBF16), b = random({n, n}, 2, 1.0f, DType::kBF16);
     const Tensor c = filled({n, n}, 0.0f, DType::kBF16);
     for (int t = 0; t < 4; ++t) {
       const bool ta = t & 1, tb = t & 2;
@@ -103,11 +127,11 @@ int main(int argc, char** argv) {
                       std::to_string(n) + "^3", ms, 2.0 * n * n * n / ms / 1e9, "TFLOP/s", -1});
     }
     const int64_t m = 4096;
-    const Tensor af = filled({m, m}, 0.01f), bf = filled({m, m}, 0.02f), cf = filled({m, m}, 0.0f);
+    const Tensor af = random({m, m}, 3, 1.0f), bf = random({m, m}, 4, 1.0f), cf = filled({m, m}, 0.0f);
     const double ms = time_ms([&] { ops::gemm(af, false, bf, false, cf); }, iters);
     rows.push_back({"gemm fp32 NN", "4096^3", ms, 2.0 * m * m * m / ms / 1e9, "TFLOP/s", -1});
     // bf16 on the fp32 row's shape, into bf16 and into f32 (the router's logits).
-    const Tensor ab = filled({m, m}, 0.01f, DType::kBF16), bb = filled({m, m}, 0.02f, DType::kBF16);
+    const Tensor ab = random({m, m}, 5, 1.0f, DType::kBF16), bb = random({m, m}, 6, 1.0f, DType::kBF16);
     const Tensor cb = filled({m, m}, 0.0f, DType::kBF16);
     const double ms16 = time_ms([&] { ops::gemm(ab, false, bb, false, cb); }, iters);
     rows.push_back({"gemm bf16 NN -> bf16", "4096^3", ms16, 2.0 * m * m * m / ms16 / 1e9, "TFLOP/s", -1});
@@ -118,21 +142,21 @@ int main(int argc, char** argv) {
   // ---- memory-bound ops ----
   const int64_t n = quick ? 4096 : 16384, c = 4096;
   {
-    const Tensor x = filled({n, c}, 0.5f), w = filled({c}, 1.0f), out = filled({n, c}, 0.0f), rstd = filled({n}, 0.0f);
+    const Tensor x = random({n, c}, 7, 1.0f), w = random({c}, 8, 1.0f), out = filled({n, c}, 0.0f), rstd = filled({n}, 0.0f);
     bandwidth("rmsnorm_fwd", "16k x 4096", 2.0 * x.nbytes(), [&] { ops::rmsnorm_fwd(x, w, 1e-5f, out, rstd); });
     const Tensor dx = filled({n, c}, 0.0f), dw = filled({c}, 0.0f);
     bandwidth("rmsnorm_bwd", "16k x 4096", 4.0 * x.nbytes(), [&] { ops::rmsnorm_bwd(x, w, rstd, out, dx, dw); });
     bandwidth("swiglu_fwd", "16k x 4096", 3.0 * x.nbytes(), [&] { ops::swiglu_fwd(x, out, dx); });
     const Tensor q = x.reshape({n / 512, 512, 32, 128});
     bandwidth("rope_fwd (in place)", "16k x 32 x 128", 2.0 * x.nbytes(), [&] { ops::rope_fwd(q, 10000.0f, q); });
-    const Tensor ids = filled({n}, 7.0f, DType::kI32), table = filled({32768, c}, 0.1f);
+    const Tensor ids = spread_ids(n, 32768), table = random({32768, c}, 18, 1.0f);
     bandwidth("embedding_fwd", "16k x 4096", 2.0 * out.nbytes(), [&] { ops::embedding_fwd(ids, table, out); });
     // The router (fused_router.cu) at DeepSeek-V3's size: E = 256, k = 8; reads logits, writes
     // probs (and the small weights and ids); the backward reads logits and dprobs, writes dlogits.
     {
       const int64_t e = 256;
       const int kr = 8;
-      const Tensor logits = filled({n, e}, 0.3f), probs = filled({n, e}, 0.0f);
+      const Tensor logits = random({n, e}, 9, 3.0f), probs = filled({n, e}, 0.0f);
       const Tensor rw = filled({n, kr}, 0.0f), rex = filled({n, kr}, 0.0f, DType::kI32);
       bandwidth("router_fwd sigmoid", "16k x 256, k=8", 2.0 * logits.nbytes() + rw.nbytes() + rex.nbytes(),
                 [&] { ops::router_fwd(logits, ops::Gating::kSigmoidTopK, kr, Tensor(), rw, rex, probs); });
@@ -146,13 +170,13 @@ int main(int argc, char** argv) {
     {
       const int64_t e = 256;
       const int kr = 8;
-      const Tensor logits = filled({n, e}, 0.3f), probs = filled({n, e}, 0.0f), dlogits = filled({n, e}, 0.0f);
+      const Tensor logits = random({n, e}, 10, 3.0f), probs = filled({n, e}, 0.0f), dlogits = filled({n, e}, 0.0f);
       const Tensor rw = filled({n, kr}, 0.0f), rex = filled({n, kr}, 0.0f, DType::kI32);
-      const cuda::RouterStats st = cuda::RouterStats::allocate(n, e, kGpu);
+      const ops::RouterStats st = ops::RouterStats::allocate(n, e, kGpu);
       bandwidth("router_fwd_with_stats softmax", "16k x 256, k=8",
                 2.0 * logits.nbytes() + rw.nbytes() + rex.nbytes() + st.lse.nbytes(),
-                [&] { cuda::router_fwd_with_stats(logits, ops::Gating::kSoftmaxTopK, kr, Tensor(), rw, rex, probs, st); });
-      cuda::RouterLossGrads terms;
+                [&] { ops::router_fwd_with_stats(logits, ops::Gating::kSoftmaxTopK, kr, Tensor(), rw, rex, probs, st); });
+      ops::RouterLossGrads terms;
       terms.counts = st.selected;
       terms.k = kr;
       terms.aux_scale = 0.01f;
@@ -161,7 +185,7 @@ int main(int argc, char** argv) {
       terms.num_tokens = n;
       bandwidth("router_bwd_fused (aux + z)", "16k x 256, k=8",
                 2.0 * logits.nbytes() + 2.0 * rw.nbytes() + st.lse.nbytes(),
-                [&] { cuda::router_bwd_fused(logits, ops::Gating::kSoftmaxTopK, rex, rw, Tensor(), terms, dlogits); });
+                [&] { ops::router_bwd_fused(logits, ops::Gating::kSoftmaxTopK, rex, rw, Tensor(), terms, dlogits); });
     }
     // The dispatch plan (counting sort) and the row gathers. Bytes = bytes read + written: the
     // plan reads the ids and writes the positions; permute reads each token row once and writes
@@ -176,7 +200,7 @@ int main(int argc, char** argv) {
       const Tensor ex = Tensor::from_ints({n, kk}, route_ids).to_device(kGpu);
       const Tensor pos = Tensor::empty({n, kk}, DType::kI32, kGpu), off = Tensor::empty({ne + 1}, DType::kI64, kGpu);
       bandwidth("moe_plan", tag, 2.0 * ex.nbytes(), [&] { ops::moe_plan(ex, ne, pos, off); });
-      const Tensor xt = filled({n, cc}, 0.5f), xc = filled({n * kk, cc}, 0.0f), dxc = filled({n * kk, cc}, 0.0f);
+      const Tensor xt = random({n, cc}, 11, 1.0f), xc = filled({n * kk, cc}, 0.0f), dxc = filled({n * kk, cc}, 0.0f);
       const Tensor wts = filled({n, kk}, 0.5f), ot = filled({n, cc}, 0.0f), dwts = filled({n, kk}, 0.0f);
       const double tok = xt.nbytes(), copies = xc.nbytes(), idx = pos.nbytes();
       const std::string size = tag + " x " + std::to_string(cc);
@@ -191,7 +215,7 @@ int main(int argc, char** argv) {
   // ---- the same memory-bound ops in bf16 (mixed precision's activations; bytes at 2 per element) ----
   {
     const DType h = DType::kBF16;
-    const Tensor x = filled({n, c}, 0.5f, h), w = filled({c}, 1.0f, h), out = filled({n, c}, 0.0f, h);
+    const Tensor x = random({n, c}, 19, 1.0f, h), w = random({c}, 20, 1.0f, h), out = filled({n, c}, 0.0f, h);
     const Tensor rstd = filled({n}, 0.0f), dx = filled({n, c}, 0.0f, h), dw = filled({c}, 0.0f);
     const Tensor x32 = filled({n, c}, 0.0f);
     const std::string size = "16k x 4096 bf16";
@@ -203,7 +227,7 @@ int main(int argc, char** argv) {
     bandwidth("swiglu_fwd bf16", size, 3.0 * x.nbytes(), [&] { ops::swiglu_fwd(x, out, dx); });
     const Tensor q = x.reshape({n / 512, 512, 32, 128});
     bandwidth("rope_fwd bf16 (in place)", size, 2.0 * x.nbytes(), [&] { ops::rope_fwd(q, 10000.0f, q); });
-    const Tensor ids = filled({n}, 7.0f, DType::kI32), table = filled({32768, c}, 0.1f, h);
+    const Tensor ids = spread_ids(n, 32768), table = random({32768, c}, 21, 1.0f, h);
     bandwidth("embedding_fwd bf16", size, 2.0 * out.nbytes(), [&] { ops::embedding_fwd(ids, table, out); });
     const Tensor pos = Tensor::empty({n, 2}, DType::kI32, kGpu), off = Tensor::empty({9}, DType::kI64, kGpu);
     std::vector<int32_t> route_ids(static_cast<size_t>(n * 2));
@@ -223,7 +247,7 @@ int main(int argc, char** argv) {
     std::memcpy(offsets.raw_data(), offs.data(), sizeof(int64_t) * offs.size());
     const Tensor goff = offsets.to_device(kGpu);
     for (const DType dt : {DType::kF32, DType::kBF16}) {
-      const Tensor gx = filled({n, cin}, 0.1f, dt), gw = filled({8, cout, cin}, 0.01f, dt);
+      const Tensor gx = random({n, cin}, 22, 1.0f, dt), gw = random({8, cout, cin}, 23, 0.05f, dt);
       const Tensor gy = filled({n, cout}, 0.0f, dt);
       const double ms = time_ms([&] { ops::grouped_gemm_fwd(gx, gw, goff, gy); }, iters);
       rows.push_back({std::string("grouped_gemm_fwd ") + dtype_name(dt), "16k x 2048 x 2048, E=8", ms,
@@ -232,7 +256,7 @@ int main(int argc, char** argv) {
   }
   {
     const int64_t rows_ce = quick ? 1024 : 4096, v = 32768;
-    const Tensor logits16 = filled({rows_ce, v}, 0.1f, DType::kBF16), targets16 = filled({rows_ce}, 3.0f, DType::kI32);
+    const Tensor logits16 = random({rows_ce, v}, 24, 3.0f, DType::kBF16), targets16 = spread_ids(rows_ce, v);
     const Tensor losses16 = filled({rows_ce}, 0.0f), lse16 = filled({rows_ce}, 0.0f);
     bandwidth("cross_entropy_fwd bf16", "4k x 32k", logits16.nbytes(),
               [&] { ops::cross_entropy_fwd(logits16, targets16, losses16, lse16); });
@@ -241,7 +265,7 @@ int main(int argc, char** argv) {
   }
   {
     const int64_t rows_ce = quick ? 1024 : 4096, v = 32768;
-    const Tensor logits = filled({rows_ce, v}, 0.1f), targets = filled({rows_ce}, 3.0f, DType::kI32);
+    const Tensor logits = random({rows_ce, v}, 25, 3.0f), targets = spread_ids(rows_ce, v);
     const Tensor losses = filled({rows_ce}, 0.0f), lse = filled({rows_ce}, 0.0f);
     bandwidth("cross_entropy_fwd", "4k x 32k", logits.nbytes(), [&] { ops::cross_entropy_fwd(logits, targets, losses, lse); });
     bandwidth("cross_entropy_bwd (in place)", "4k x 32k", 2.0 * logits.nbytes(),
@@ -262,7 +286,7 @@ int main(int argc, char** argv) {
   }
   {
     const int64_t t = quick ? 512 : 1024;
-    const Tensor q = filled({1, t, 16, 128}, 0.1f), kv = filled({1, t, 4, 128}, 0.1f);
+    const Tensor q = random({1, t, 16, 128}, 12, 1.0f), kv = random({1, t, 4, 128}, 13, 1.0f);
     const Tensor out = filled({1, t, 16, 128}, 0.0f), lse = filled({1, 16, t}, 0.0f);
     const double ms = time_ms([&] { ops::attention_fwd(q, kv, kv, 0.088f, out, lse); }, quick ? 3 : 5);
     const double flops = 4.0 * 16 * 128 * t * t / 2;  // causal: half the score matrix
@@ -280,12 +304,15 @@ int main(int argc, char** argv) {
 #else
     const bool wgmma = false;
 #endif
+    // Random inputs made once: every T has the same number of tokens, so each is a view of these.
+    const Tensor q_all = random({tokens, h, d}, 14, 1.0f, DType::kBF16), k_all = random({tokens, h, d}, 15, 1.0f, DType::kBF16);
+    const Tensor v_all = random({tokens, h, d}, 16, 1.0f, DType::kBF16), dout_all = random({tokens, h, d}, 17, 0.1f, DType::kBF16);
     for (const int64_t t : quick ? std::vector<int64_t>{1024, 8192} : std::vector<int64_t>{1024, 2048, 4096, 8192, 16384}) {
       const int64_t b = tokens / t;
       const Shape qs{b, t, h, d};
-      const Tensor q = filled(qs, 0.1f, DType::kBF16), k = filled(qs, 0.1f, DType::kBF16);
-      const Tensor v = filled(qs, 0.1f, DType::kBF16), out = filled(qs, 0.0f, DType::kBF16);
-      const Tensor lse = filled({b, h, t}, 0.0f), dout = filled(qs, 0.01f, DType::kBF16);
+      const Tensor q = q_all.reshape(qs), k = k_all.reshape(qs);
+      const Tensor v = v_all.reshape(qs), out = filled(qs, 0.0f, DType::kBF16);
+      const Tensor lse = filled({b, h, t}, 0.0f), dout = dout_all.reshape(qs);
       const Tensor dq = filled(qs, 0.0f, DType::kBF16), dk = filled(qs, 0.0f, DType::kBF16);
       const Tensor dv = filled(qs, 0.0f, DType::kBF16);
       const double flops = 4.0 * b * h * d * t * t / 2;
