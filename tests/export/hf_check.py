@@ -87,6 +87,9 @@ def mixtral_forward(cfg, w, ids):
         return t * cos + rot * sin
 
     mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    window = cfg.get("sliding_window")
+    if window is not None:  # transformers: key j is visible to query i when i - j < sliding_window
+        mask = mask.masked_fill(torch.ones(T, T, dtype=torch.bool).tril(-window), float("-inf"))
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms_norm(x, W[p + "input_layernorm.weight"], eps)

@@ -296,16 +296,42 @@ TEST(ExportLayout, SlidingWindowRoundTripsThroughConfigJsonAndGgufRefusesIt) {
   const nlohmann::ordered_json j = mixtral_config_json(c, 256, "bfloat16");
   EXPECT_EQ(j["sliding_window"], 96);
   EXPECT_EQ(model_from_mixtral_config(j, "windowed").model.sliding_window, 96);
-  const testing::TempDir dir;
-  const std::string step = testing::train_checkpoint(dir.str(), {"model.sliding_window=16"});
+}
+
+// A model trained with a window: the HF export's logits from the independent PyTorch forward of
+// hf_check.py (which masks as transformers does, from config.json's sliding_window) equal
+// moeforge's over a sequence 4x the window; the GGUF export is refused.
+TEST_F(Export, WindowedModelMatchesTheIndependentForwardAndGgufRefusesIt) {
+  const std::string step = testing::train_checkpoint(dir_ / "windowed", {"model.sliding_window=16"});
   ReleaseInfo r;
   r.model = model_config_from(read_manifest(step).config());
-  EXPECT_EQ(r.model.sliding_window, 16);
-  r.max_seq_len = 256;
-  EXPECT_EQ(testing::error_of([&] { export_gguf(step, r, {.out_path = step + "/m.gguf"}); }),
+  ASSERT_EQ(r.model.sliding_window, 16);
+  r.max_seq_len = 128;
+  EXPECT_EQ(testing::error_of([&] { export_gguf(step, r, {.out_path = dir_ / "m.gguf"}); }),
             "cannot export to GGUF llama: the model attends through a sliding window of 16 tokens "
             "(model.sliding_window), which llama.cpp's llama architecture does not apply; export to HF safetensors "
             "instead (config.json carries sliding_window)");
+  EXPECT_FALSE(fs::exists(dir_ / "m.gguf"));
+  export_hf(step, r, {.out_dir = dir_ / "hf", .dtype = "f32"});
+  MoeTransformer model(r.model);
+  load(step, model.registry(), nullptr);
+  std::vector<int32_t> ids{data::kBos};
+  for (const int32_t id : data::encode("To be, or not to be, that is the question: whether 'tis nobler in the mind"))
+    ids.push_back(id);
+  const Tensor tokens = Tensor::from_ints({1, static_cast<int64_t>(ids.size())}, ids);
+  testing::write_npy(dir_ / "tokens.npy", tokens);
+  testing::write_npy(dir_ / "logits.npy", model.logits(tokens));
+  const std::string out = run_python("hf_check.py", fmt::format("--hf '{}' --tokens '{}' --logits '{}'", dir_ / "hf",
+                                                                dir_ / "tokens.npy", dir_ / "logits.npy"));
+  EXPECT_NE(out.find("hf_check: OK"), std::string::npos);
+  // The window matters for these logits: the same weights without it give others.
+  r.model.sliding_window = 0;
+  MoeTransformer full(r.model);
+  load(step, full.registry(), nullptr);
+  const std::vector<float> a = model.logits(tokens).to_floats(), b = full.logits(tokens).to_floats();
+  double diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
+  EXPECT_GT(diff, 1e-3);
 }
 
 TEST(ExportLayout, QkPermutationMatchesLlamaCpp) {
