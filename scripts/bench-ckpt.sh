@@ -14,9 +14,14 @@
 # SHA-256, manifest, renames). Load MB/s = bytes / the resume time (the hyperslab reads with their
 # Fletcher-32 checks). dd writes the same number of bytes with conv=fsync and reads them back,
 # through the page cache (bs=1M: the goal's baseline); moeforge moves chunk data with O_DIRECT
-# (checkpoint.direct_io), so dd with oflag/iflag=direct (bs=8M) is timed too and printed beside. Before each read, dd's and the resume's, the page cache is dropped when the
-# script may (root), so both read the disk as a job resumed on a fresh node does; otherwise both
-# read from the page cache and the report says so. Builds `moeforge` in $MOEFORGE_BUILD_DIR or
+# (checkpoint.direct_io), so dd with oflag/iflag=direct (bs=8M) is timed too and printed beside.
+# Before each read, dd's and the resume's, the page cache is dropped when the script may (root),
+# so both read the disk as a job resumed on a fresh node does; otherwise both read from the page
+# cache and the report says so. Each read follows its own write with nothing written in between
+# (save -> resume, dd write -> dd read): below a VM the host may cache what was written last (on
+# the machine this was tuned on, a 1.3 GB file read back right after its write ran at 2.2 GB/s with
+# the guest's cache dropped, the same file once 2.6 GB had been written after it at 1.3 GB/s), so
+# a read placed after another program's writes would be measured against a colder disk. Builds `moeforge` in $MOEFORGE_BUILD_DIR or
 # build/ (configured already), or runs the binary $MOEFORGE_BIN as it is (to compare two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,9 +67,9 @@ cold=no
 drop_caches() { sync; if [ -w /proc/sys/vm/drop_caches ] && echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then cold=yes; fi; }
 dd_seconds() { sed -n 's/.* copied, \([0-9.]*\) s, .*/\1/p' | tail -1; }
 
-# Rounds of: dd write, a synchronous save at step 2, dd read, a resume of the save. The disk's
-# speed drifts (other tenants, the host's cache), so each save is compared with the dd run next
-# to it and the median of the rounds' ratios is reported.
+# Rounds of: a synchronous save at step 2 and its resume, then dd's write and read (buffered, then
+# O_DIRECT). The disk's speed drifts (other tenants, the host's cache), so each save and load is
+# compared with the dd runs next to it and the median of the rounds' ratios is reported.
 save_ratios=() load_ratios=() save_direct_ratios=() load_direct_ratios=() save_rates=() load_rates=() dd_w_rates=() dd_r_rates=()
 for round in $(seq "$rounds"); do
   rm -rf "$dir/ckpt"
@@ -73,6 +78,10 @@ for round in $(seq "$rounds"); do
   [ -n "$save_s" ] || { echo "bench-ckpt: the save run failed:" >&2; echo "$save_log" >&2; exit 1; }
   bytes=$(du -sb "$dir/ckpt/step_00000002" | cut -f1)
   mb=$(( (bytes + 1048575) / 1048576 ))
+  drop_caches
+  load_log=$(run 2 --set checkpoint.dir="$dir/ckpt" --resume auto)
+  load_s=$(echo "$load_log" | field '.*resumed from .* in \([0-9.]*\) s.*')
+  [ -n "$load_s" ] || { echo "bench-ckpt: the resume run failed:" >&2; echo "$load_log" >&2; exit 1; }
   dd_w_s=$(dd if=/dev/zero of="$dir/dd.bin" bs=1M count="$mb" conv=fsync 2>&1 | dd_seconds)
   drop_caches
   dd_r_s=$(dd if="$dir/dd.bin" of=/dev/null bs=1M 2>&1 | dd_seconds)
@@ -81,10 +90,6 @@ for round in $(seq "$rounds"); do
   drop_caches
   dd_rd_s=$(dd if="$dir/dd.bin" of=/dev/null bs=8M iflag=direct 2>&1 | dd_seconds)
   rm -f "$dir/dd.bin"
-  drop_caches
-  load_log=$(run 2 --set checkpoint.dir="$dir/ckpt" --resume auto)
-  load_s=$(echo "$load_log" | field '.*resumed from .* in \([0-9.]*\) s.*')
-  [ -n "$load_s" ] || { echo "bench-ckpt: the resume run failed:" >&2; echo "$load_log" >&2; exit 1; }
   dd_bytes=$((mb * 1048576)) ddd_bytes=$(( (mb + 7) / 8 * 8 * 1048576 ))
   read -r sr lr dwr drr srat lrat dwdr drdr < <(awk -v b="$bytes" -v db="$dd_bytes" -v s="$save_s" -v l="$load_s" \
       -v w="$dd_w_s" -v r="$dd_r_s" -v dd="$ddd_bytes" -v wd="$dd_wd_s" -v rd="$dd_rd_s" \
