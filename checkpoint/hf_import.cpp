@@ -118,6 +118,7 @@ void set_model(config::RunConfig& run, const HfModel& h) {
   p->set_init_std(m.init_std);
   p->set_max_seq_len(h.max_seq_len);
   p->set_expert_bias_update_rate(0.0f);
+  p->set_sliding_window(m.sliding_window);  // config.json's sliding_window (0: null)
 }
 
 }  // namespace

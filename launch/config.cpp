@@ -497,6 +497,11 @@ class Validator {
                                   "got {} (fp32 attention runs the exact fp32 kernels)",
                                   kernel, config::TrainConfig::Precision_Name(t.precision())));
       }
+      if (t.attention_kernel() == config::TrainConfig::CUDNN && cfg_.model().document_start_token() >= 0) {
+        origins_.fail({"train.attention_kernel", "model.document_start_token"},
+                      "CUDNN runs no packed documents (cuDNN's fused attention here has no variable-length mode); "
+                      "use AUTO or set model.document_start_token: -1");
+      }
       if (t.attention_kernel() == config::TrainConfig::CUDNN && !cuda::cudnn_attention_built()) {
         origins_.fail({"train.attention_kernel"},
                       "CUDNN needs a moeforge built with cuDNN 9 (the CUDA backend with cudnn.h and libcudnn found at "

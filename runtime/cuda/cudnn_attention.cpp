@@ -127,6 +127,10 @@ Descriptor make_tensor(const cg::TensorDesc& t) {
   const bool yes = true;
   if (t.is_virtual) MOE_CUDNN_SET(d, CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &yes);
   if (t.by_value) MOE_CUDNN_SET(d, CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &yes);
+  if (t.reorder_f16x16) {
+    const cudnnBackendTensorReordering_t reorder = CUDNN_TENSOR_REORDERING_F16x16;
+    MOE_CUDNN_SET(d, CUDNN_ATTR_TENSOR_REORDERING_MODE, CUDNN_TYPE_TENSOR_REORDERING_MODE, 1, &reorder);
+  }
   d.finalize();
   return d;
 }
@@ -405,6 +409,12 @@ void run(const char* op, bool backward, const flash::Problem& p, const flash::Fl
     scratch_bytes += aligned(cg::span_bytes(plan.graph.tensor(id)));
   }
   const Scratch scratch(static_cast<size_t>(scratch_bytes), device);
+  // The dq accumulator is summed into across key tiles: zero it first (the caching allocator
+  // hands back used memory; cudnn-frontend clears it the same way).
+  for (const auto& [id, offset] : scratch_at)
+    if (id == cg::uid::kDQAccum)
+      MOE_CUDA_CHECK(cudaMemsetAsync(scratch.get() + offset, 0,
+                                     static_cast<size_t>(cg::span_bytes(plan.graph.tensor(id))), stream(device)));
 
   std::vector<int64_t> uids;
   std::vector<void*> pointers;

@@ -24,6 +24,11 @@ class Builder {
     g_.tensors.push_back({uid, std::move(name), std::move(dims), std::move(strides), dtype, false, false, 0.0f});
     return uid;
   }
+  // The tensor `uid` is stored in cuDNN's F16x16 reordered layout.
+  void reorder_f16x16(int64_t uid) {
+    for (TensorDesc& t : g_.tensors)
+      if (t.uid == uid) t.reorder_f16x16 = true;
+  }
   int64_t scalar(int64_t uid, std::string name, float value) {
     g_.tensors.push_back({uid, std::move(name), {1, 1, 1, 1}, {1, 1, 1, 1}, DataType::kF32, false, true, value});
     return uid;
@@ -226,6 +231,7 @@ Graph backward_graph(const flash::Problem& p) {
   const int64_t softmax_sum = g.memory(uid::kSoftmaxSum, "softmax_sum", g.row_dims(), g.row_strides(), DataType::kF32);
   const int64_t dq_accum = g.memory(uid::kDQAccum, "dq_accum", g.q_dims(),
                                     {p.H * p.T * p.D, p.T * p.D, p.D, 1}, DataType::kF32);
+  g.reorder_f16x16(dq_accum);
   const int64_t scale = g.scalar(uid::kScale, "scale", 0.0f);
   const int64_t one = g.scalar(uid::kOne, "one", 1.0f);
   g.add_mask_scalars();

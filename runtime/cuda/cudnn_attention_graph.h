@@ -45,6 +45,9 @@ struct TensorDesc {
   bool is_virtual = true;  // lives only inside the fused kernel
   bool by_value = false;   // a host scalar passed in the variant pack (value below, or the scale)
   float value = 0.0f;      // a by-value constant; the scale (uid kScale) is supplied per call
+  // Stored in cuDNN's F16x16 reordered layout (the backward's fp32 dq accumulator, as
+  // cudnn-frontend declares it; the caller zeroes it before every run).
+  bool reorder_f16x16 = false;
 };
 
 enum class OpKind { kMatmul, kPointwise, kReduction, kReshape };

@@ -324,6 +324,9 @@ TEST_F(Export, WindowedModelMatchesTheIndependentForwardAndGgufRefusesIt) {
   const std::string out = run_python("hf_check.py", fmt::format("--hf '{}' --tokens '{}' --logits '{}'", dir_ / "hf",
                                                                 dir_ / "tokens.npy", dir_ / "logits.npy"));
   EXPECT_NE(out.find("hf_check: OK"), std::string::npos);
+  // Imported back, the run config carries the window.
+  const ImportResult imp = import_hf(dir_ / "hf", dir_ / "imported", config::RunConfig());
+  EXPECT_EQ(read_manifest(imp.step_dir).config().model().sliding_window(), 16);
   // The window matters for these logits: the same weights without it give others.
   r.model.sliding_window = 0;
   MoeTransformer full(r.model);

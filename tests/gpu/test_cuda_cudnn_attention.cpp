@@ -185,6 +185,27 @@ TEST(GpuCudnnAttention, EitherBackwardReadsEitherForwardsLse) {
   }
 }
 
+// The backward's fp32 dq accumulator comes from the caching allocator, which hands back used
+// memory: a second backward on a block that held the first one's sums (and one after a block of
+// NaN) must give the same gradients, so the accumulator is zeroed before every run.
+TEST(GpuCudnnAttention, RepeatedBackwardsGiveTheSameGradients) {
+  MOE_REQUIRE_CUDNN();
+  const Shape qs{2, 130, 8, 64}, ks{2, 130, 2, 64}, ls{2, 8, 130};
+  const Tensor gq = gpu_bf16(bf16_grid(qs, 31)), gk = gpu_bf16(bf16_grid(ks, 32)), gv = gpu_bf16(bf16_grid(ks, 33));
+  const Tensor gdout = gpu_bf16(bf16_grid(qs, 34));
+  KernelChoice choice("cudnn");
+  const Tensor out = poisoned(qs, DType::kBF16), lse = poisoned(ls);
+  ops::attention_fwd(gq, gk, gv, 0.125f, out, lse);
+  std::vector<Tensor> dqs;
+  for (int run = 0; run < 3; ++run) {
+    if (run == 2) poisoned({2 * 8 * 130 * 64 * 2}, DType::kF32);  // NaN into a freed block of that size class
+    const Tensor dq = poisoned(qs, DType::kBF16), dk = poisoned(ks, DType::kBF16), dv = poisoned(ks, DType::kBF16);
+    ops::attention_bwd(gq, gk, gv, out, lse, gdout, 0.125f, dq, dk, dv);
+    dqs.push_back(to_cpu(dq).to(DType::kF32));
+  }
+  for (int run = 1; run < 3; ++run) EXPECT_LE(rel_err(dqs[run], dqs[0]), 1e-3) << "backward " << run + 1;
+}
+
 TEST(GpuCudnnAttention, SlidingWindowMatchesTheMmaKernels) {
   MOE_REQUIRE_CUDNN();
   for (const int64_t d : {64, 128})

@@ -336,6 +336,10 @@ TEST(ConfigErrors, AttentionKernel) {
                 : std::string("--set train.attention_kernel=CUDNN: train.attention_kernel: CUDNN needs a moeforge "
                               "built with cuDNN 9 (the CUDA backend with cudnn.h and libcudnn found at configure "
                               "time); this one was built without it"));
+  cudnn.push_back("model.document_start_token=256");
+  EXPECT_EQ(config_error(kMinimal, cudnn),
+            "--set model.document_start_token=256: train.attention_kernel: CUDNN runs no packed documents (cuDNN's "
+            "fused attention here has no variable-length mode); use AUTO or set model.document_start_token: -1");
   EXPECT_EQ(config_error(kMinimal, {"train.attention_kernel=FAST"}),
             "--set train.attention_kernel=FAST: not a value of moeforge.config.TrainConfig.AttentionKernel (AUTO, "
             "MMA, WGMMA, CUDNN)");

@@ -85,6 +85,8 @@ TEST(CudnnAttentionGraph, BackwardLayoutsAndScratch) {
   EXPECT_EQ(g.tensor(uid::kDQAccum).strides, (Dims{H * T * D, T * D, D, 1}));
   EXPECT_EQ(span_bytes(g.tensor(uid::kSoftmaxSum)), B * H * T * 4);
   EXPECT_EQ(span_bytes(g.tensor(uid::kDQAccum)), B * H * T * D * 4);
+  // The fp32 dq accumulator in cuDNN's F16x16 layout, as cudnn-frontend declares it; nothing else.
+  for (const TensorDesc& t : g.tensors) EXPECT_EQ(t.reorder_f16x16, t.uid == uid::kDQAccum) << t.name;
   EXPECT_EQ(memory_uids(g), (std::set<int64_t>{uid::kQ, uid::kK, uid::kV, uid::kO, uid::kStats, uid::kDO, uid::kDQ,
                                                uid::kDK, uid::kDV, uid::kScale, uid::kNegInf, uid::kOne,
                                                uid::kSoftmaxSum, uid::kDQAccum}));
