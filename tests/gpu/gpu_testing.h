@@ -10,8 +10,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -92,5 +94,36 @@ inline DroppingPlan dropping_plan(int64_t n, int64_t k, int e, uint64_t seed) {
   p.m = p.offsets.data<int64_t>()[e];
   return p;
 }
+
+// Random values already on the bf16 grid, as f32 on the CPU (the reference's inputs), and their
+// bf16 copy on the GPU: both sides start from the same numbers.
+inline Tensor bf16_grid(const Shape& s, uint64_t seed) {
+  return testing::random_tensor(s, seed).to(DType::kBF16).to(DType::kF32);
+}
+inline Tensor gpu_bf16(const Tensor& f32) { return to_gpu(f32.to(DType::kBF16)); }
+
+// Sets MOEFORGE_ATTENTION_KERNEL for the scope (unset for nullptr), restoring the previous value.
+class KernelChoice {
+ public:
+  explicit KernelChoice(const char* kernel) {
+    if (const char* old = std::getenv(kName)) old_ = old;
+    if (kernel != nullptr)
+      setenv(kName, kernel, 1);
+    else
+      unsetenv(kName);
+  }
+  ~KernelChoice() {
+    if (old_)
+      setenv(kName, old_->c_str(), 1);
+    else
+      unsetenv(kName);
+  }
+  KernelChoice(const KernelChoice&) = delete;
+  KernelChoice& operator=(const KernelChoice&) = delete;
+
+ private:
+  static constexpr const char* kName = "MOEFORGE_ATTENTION_KERNEL";
+  std::optional<std::string> old_;
+};
 
 }  // namespace moeforge::gpu_testing

@@ -19,10 +19,6 @@ namespace {
 using namespace gpu_testing;
 using testing::random_tensor;
 
-// Random values already on the bf16 grid, as f32 on the CPU.
-Tensor bf16_grid(const Shape& s, uint64_t seed) { return random_tensor(s, seed).to(DType::kBF16).to(DType::kF32); }
-Tensor gpu_bf16(const Tensor& f32) { return to_gpu(f32.to(DType::kBF16)); }
-
 struct Case {
   int64_t b, t, h, hkv, d;
 };

@@ -27,30 +27,6 @@ namespace {
 using namespace gpu_testing;
 using testing::random_tensor;
 
-Tensor bf16_grid(const Shape& s, uint64_t seed) { return random_tensor(s, seed).to(DType::kBF16).to(DType::kF32); }
-Tensor gpu_bf16(const Tensor& f32) { return to_gpu(f32.to(DType::kBF16)); }
-
-// Sets MOEFORGE_ATTENTION_KERNEL for the scope, restoring the previous value.
-class KernelChoice {
- public:
-  explicit KernelChoice(const char* kernel) {
-    if (const char* old = std::getenv(kName)) old_ = old;
-    setenv(kName, kernel, 1);
-  }
-  ~KernelChoice() {
-    if (old_)
-      setenv(kName, old_->c_str(), 1);
-    else
-      unsetenv(kName);
-  }
-  KernelChoice(const KernelChoice&) = delete;
-  KernelChoice& operator=(const KernelChoice&) = delete;
-
- private:
-  static constexpr const char* kName = "MOEFORGE_ATTENTION_KERNEL";
-  std::optional<std::string> old_;
-};
-
 bool is_sm90() {
   const cuda::DeviceContext& c = cuda::context(0);
   return c.cc_major == 9 && c.cc_minor == 0;
