@@ -17,14 +17,14 @@ namespace moeforge::testing {
 // The binary under test: MOEFORGE_BIN, else <build>/launch/moeforge next to <build>/tests/.
 inline std::string moeforge_bin() {
   if (const char* env = std::getenv("MOEFORGE_BIN")) return env;
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path().parent_path() / "launch" /
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "launch" /
           "moeforge").string();
 }
 
 // The build tree's venv (scripts/test.sh installs safetensors, gguf, tokenizers there).
 inline std::string python_interpreter() {
   if (const char* env = std::getenv("MOEFORGE_PYTHON")) return env;
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path().parent_path() / "pyenv" /
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "pyenv" /
           "bin" / "python").string();
 }
 
