@@ -258,14 +258,18 @@ Graph backward_graph(const flash::Problem& p) {
   // dV = P^T @ dO (per query head, then summed over each kv head's group).
   const int64_t prob_t = g.virt("p^T", {p.B, p.H, p.T, p.T}, g.score_t_strides(), DataType::kBF16);
   g.reshape("reshape_p", prob, prob_t);
-  const Dims full_head_dims{p.B, p.H, p.T, p.D}, full_head_strides{p.H * p.T * p.D, p.T * p.D, p.D, 1};
-  if (gqa) {
-    const int64_t dv_full = g.virt("dv_fullhead", full_head_dims, full_head_strides, DataType::kBF16);
-    g.matmul("matmul_pT_dO", prob_t, d_o, dv_full);
-    g.reduction("red_dV_head", ReduceMode::kAdd, dv_full, dv);
-  } else {
-    g.matmul("matmul_pT_dO", prob_t, d_o, dv);
-  }
+  // A kv-head gradient: the product per query head, then (GQA) summed over each kv head's group.
+  const auto kv_grad = [&](const std::string& name, int64_t a, int64_t b, int64_t out, const std::string& what) {
+    if (!gqa) {
+      g.matmul("matmul_" + name, a, b, out);
+      return;
+    }
+    const int64_t full = g.virt(what + "_fullhead", {p.B, p.H, p.T, p.D}, {p.H * p.T * p.D, p.T * p.D, p.D, 1},
+                                DataType::kBF16);
+    g.matmul("matmul_" + name, a, b, full);
+    g.reduction("red_" + what + "_head", ReduceMode::kAdd, full, out);
+  };
+  kv_grad("pT_dO", prob_t, d_o, dv, "dv");
 
   // dS = P * (dO @ V^T - softmax_sum) * scale.
   const int64_t dp = g.virt("dout@v^T", g.score_dims(), g.score_strides());
@@ -280,13 +284,7 @@ Graph backward_graph(const flash::Problem& p) {
   // dK = dS^T @ Q (per query head, then summed over each group).
   const int64_t ds_t = g.virt("ds^T", {p.B, p.H, p.T, p.T}, g.score_t_strides(), DataType::kBF16);
   g.reshape("reshape_dS", ds, ds_t);
-  if (gqa) {
-    const int64_t dk_full = g.virt("dk_fullhead", full_head_dims, full_head_strides, DataType::kBF16);
-    g.matmul("matmul_dST_Q", ds_t, q, dk_full);
-    g.reduction("red_dK_head", ReduceMode::kAdd, dk_full, dk);
-  } else {
-    g.matmul("matmul_dST_Q", ds_t, q, dk);
-  }
+  kv_grad("dST_Q", ds_t, q, dk, "dk");
 
   // dQ = dS @ K, accumulated in fp32, then rounded into dq.
   const int64_t k = g.virt("k", g.kv_dims(), g.kv_strides());

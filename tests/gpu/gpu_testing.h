@@ -102,6 +102,37 @@ inline Tensor bf16_grid(const Shape& s, uint64_t seed) {
 }
 inline Tensor gpu_bf16(const Tensor& f32) { return to_gpu(f32.to(DType::kBF16)); }
 
+// An attention problem of the gpu tests: q (b, t, h, d), k and v (b, t, hkv, d).
+struct AttentionCase {
+  int64_t b, t, h, hkv, d;
+};
+// Its bf16-grid inputs (seeds seed..seed+3) and the CPU op's forward and backward on them in f32:
+// the reference every GPU attention path is compared with.
+struct AttentionReference {
+  Shape qs, ks, ls;  // q-like, k-like and lse shapes
+  float scale = 0.0f;
+  Tensor q, k, v, dout, out, lse, dq, dk, dv;
+};
+inline AttentionReference cpu_attention(const AttentionCase& c, uint64_t seed) {
+  AttentionReference r;
+  r.qs = Shape{c.b, c.t, c.h, c.d};
+  r.ks = Shape{c.b, c.t, c.hkv, c.d};
+  r.ls = Shape{c.b, c.h, c.t};
+  r.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+  r.q = bf16_grid(r.qs, seed);
+  r.k = bf16_grid(r.ks, seed + 1);
+  r.v = bf16_grid(r.ks, seed + 2);
+  r.dout = bf16_grid(r.qs, seed + 3);
+  r.out = Tensor::empty(r.qs, DType::kF32);
+  r.lse = Tensor::empty(r.ls, DType::kF32);
+  ops::attention_fwd(r.q, r.k, r.v, r.scale, r.out, r.lse);
+  r.dq = Tensor::empty(r.qs, DType::kF32);
+  r.dk = Tensor::empty(r.ks, DType::kF32);
+  r.dv = Tensor::empty(r.ks, DType::kF32);
+  ops::attention_bwd(r.q, r.k, r.v, r.out, r.lse, r.dout, r.scale, r.dq, r.dk, r.dv);
+  return r;
+}
+
 // Sets MOEFORGE_ATTENTION_KERNEL for the scope (unset for nullptr), restoring the previous value.
 class KernelChoice {
  public:

@@ -55,9 +55,7 @@ size_t cached_plans() {
                       "cuDNN attention is not there to test";                                                     \
   } while (0)
 
-struct Case {
-  int64_t b, t, h, hkv, d;
-};
+using Case = AttentionCase;
 
 // Runs without a GPU: cuDNN accepts every tensor and operation descriptor of the forward and
 // backward graphs (dims, strides, dtypes, modes) and finalizes their operation graphs, for the
@@ -96,13 +94,10 @@ TEST(GpuCudnnAttention, CatalogOpsMatchTheCpuAndTheMmaKernels) {
   MOE_REQUIRE_CUDNN();
   for (const Case c : {Case{2, 77, 4, 4, 64}, Case{1, 200, 8, 2, 128}, Case{2, 77, 8, 1, 64}, Case{1, 200, 4, 1, 128},
                        Case{1, 77, 8, 8, 128}, Case{2, 200, 16, 2, 64}}) {
-    const Shape qs{c.b, c.t, c.h, c.d}, ks{c.b, c.t, c.hkv, c.d}, ls{c.b, c.h, c.t};
-    const Tensor q = bf16_grid(qs, 1), k = bf16_grid(ks, 2), v = bf16_grid(ks, 3), dout = bf16_grid(qs, 4);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
-    Tensor out = Tensor::empty(qs, DType::kF32), lse = Tensor::empty(ls, DType::kF32);
-    ops::attention_fwd(q, k, v, scale, out, lse);
-    Tensor dq = Tensor::empty(qs, DType::kF32), dk = Tensor::empty(ks, DType::kF32), dv = Tensor::empty(ks, DType::kF32);
-    ops::attention_bwd(q, k, v, out, lse, dout, scale, dq, dk, dv);
+    const AttentionReference ref = cpu_attention(c, 1);
+    const float scale = ref.scale;
+    const Tensor &q = ref.q, &k = ref.k, &v = ref.v, &dout = ref.dout;
+    const Tensor &out = ref.out, &lse = ref.lse, &dq = ref.dq, &dk = ref.dk, &dv = ref.dv;
 
     const Tensor gq = gpu_bf16(q), gk = gpu_bf16(k), gv = gpu_bf16(v), gdout = gpu_bf16(dout);
     Result cudnn, mma;

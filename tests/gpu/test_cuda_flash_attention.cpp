@@ -19,21 +19,17 @@ namespace {
 using namespace gpu_testing;
 using testing::random_tensor;
 
-struct Case {
-  int64_t b, t, h, hkv, d;
-};
+using Case = AttentionCase;
 
 TEST(GpuFlashAttention, Bf16CatalogOpsMatchTheCpu) {
   MOE_REQUIRE_GPU();
   for (const Case c : {Case{1, 1, 1, 1, 64}, Case{2, 77, 4, 4, 64}, Case{2, 65, 4, 1, 64}, Case{1, 200, 8, 2, 128},
                        Case{1, 130, 8, 1, 128}, Case{1, 33, 2, 2, 128}}) {
-    const Shape qs{c.b, c.t, c.h, c.d}, ks{c.b, c.t, c.hkv, c.d}, ls{c.b, c.h, c.t};
-    const Tensor q = bf16_grid(qs, 1), k = bf16_grid(ks, 2), v = bf16_grid(ks, 3), dout = bf16_grid(qs, 4);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
-    Tensor out = Tensor::empty(qs, DType::kF32), lse = Tensor::empty(ls, DType::kF32);
-    ops::attention_fwd(q, k, v, scale, out, lse);
-    Tensor dq = Tensor::empty(qs, DType::kF32), dk = Tensor::empty(ks, DType::kF32), dv = Tensor::empty(ks, DType::kF32);
-    ops::attention_bwd(q, k, v, out, lse, dout, scale, dq, dk, dv);
+    const AttentionReference ref = cpu_attention(c, 1);
+    const Shape &qs = ref.qs, &ks = ref.ks, &ls = ref.ls;
+    const float scale = ref.scale;
+    const Tensor &q = ref.q, &k = ref.k, &v = ref.v, &dout = ref.dout;
+    const Tensor &out = ref.out, &lse = ref.lse, &dq = ref.dq, &dk = ref.dk, &dv = ref.dv;
 
     const Tensor gq = gpu_bf16(q), gk = gpu_bf16(k), gv = gpu_bf16(v);
     const Tensor gout = poisoned(qs, DType::kBF16), glse = poisoned(ls);

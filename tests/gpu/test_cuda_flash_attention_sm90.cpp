@@ -48,23 +48,18 @@ constexpr bool kBuilt = false;
       GTEST_SKIP() << "the wgmma attention was not built: configure with 90 among CMAKE_CUDA_ARCHITECTURES"; \
   } while (0)
 
-struct Case {
-  int64_t b, t, h, hkv, d;
-};
+using Case = AttentionCase;
 
 TEST(GpuFlashAttentionSm90, CatalogOpsMatchTheCpu) {
   MOE_REQUIRE_SM90();
   for (const Case c :
        {Case{1, 1, 1, 1, 64}, Case{2, 77, 4, 4, 64}, Case{2, 200, 8, 2, 64}, Case{1, 300, 8, 1, 64},
         Case{1, 130, 4, 1, 128}, Case{2, 257, 4, 4, 128}, Case{1, 383, 8, 2, 128}, Case{1, 640, 8, 1, 128}}) {
-    const Shape qs{c.b, c.t, c.h, c.d}, ks{c.b, c.t, c.hkv, c.d}, ls{c.b, c.h, c.t};
-    const Tensor q = bf16_grid(qs, 11), k = bf16_grid(ks, 12), v = bf16_grid(ks, 13), dout = bf16_grid(qs, 14);
-    const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
-    Tensor out = Tensor::empty(qs, DType::kF32), lse = Tensor::empty(ls, DType::kF32);
-    ops::attention_fwd(q, k, v, scale, out, lse);
-    Tensor dq = Tensor::empty(qs, DType::kF32), dk = Tensor::empty(ks, DType::kF32),
-           dv = Tensor::empty(ks, DType::kF32);
-    ops::attention_bwd(q, k, v, out, lse, dout, scale, dq, dk, dv);
+    const AttentionReference ref = cpu_attention(c, 11);
+    const Shape &qs = ref.qs, &ks = ref.ks, &ls = ref.ls;
+    const float scale = ref.scale;
+    const Tensor &q = ref.q, &k = ref.k, &v = ref.v, &dout = ref.dout;
+    const Tensor &out = ref.out, &lse = ref.lse, &dq = ref.dq, &dk = ref.dk, &dv = ref.dv;
 
     const Tensor gq = gpu_bf16(q), gk = gpu_bf16(k), gv = gpu_bf16(v), gdout = gpu_bf16(dout);
     const Tensor gout = poisoned(qs, DType::kBF16), glse = poisoned(ls);
